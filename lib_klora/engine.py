@@ -15,6 +15,13 @@ from .plan import FusionPlan, PlanSettings
 from .scores import ScoreTable, compute_scores
 
 default_cache = ScoreCache()
+DENOISER_COMPONENTS = ("unet:", "transformer:")
+
+
+def denoiser_modules(lora: LoraFile) -> dict:
+    """Only denoiser layers take part in per-step selection: a text encoder runs once per prompt, so its
+    LoRA layers follow the text-encoder policy instead, and they stay out of scores and γ."""
+    return {name: m for name, m in lora.modules.items() if name.startswith(DENOISER_COMPONENTS)}
 
 
 def check_compatible(loras: Sequence[LoraFile]) -> None:
@@ -48,7 +55,10 @@ def load_score_table(
         return table
     check_compatible(loras)
     table = compute_scores(
-        [lora.modules for lora in loras], device=device, progress=progress, labels=[str(f) for f in files]
+        [denoiser_modules(lora) for lora in loras],
+        device=device,
+        progress=progress,
+        labels=[str(f) for f in files],
     )
     cache.put(digests, table)
     return table

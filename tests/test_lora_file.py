@@ -239,3 +239,17 @@ def test_no_layer_in_common(tmp_path: Path, cache) -> None:
     )
     with pytest.raises(KLoraError, match="no layer in common"):
         plan_from_files(a, b, cache=cache)
+
+
+def test_text_encoder_layers_stay_out_of_the_plan(tmp_path: Path, cache) -> None:
+    down, up = _factors(in_f=12)
+    tensors = {
+        "lora_unet_a_to_q.lora_down.weight": down,
+        "lora_unet_a_to_q.lora_up.weight": up,
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down.clone(),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up.clone(),
+    }
+    a = _save(tmp_path / "a.safetensors", tensors)
+    b = _save(tmp_path / "b.safetensors", {k: v * 2 for k, v in tensors.items()})
+    plan = plan_from_files(a, b, cache=cache)
+    assert plan.layer_names == ["lora_unet_a_to_q"]
