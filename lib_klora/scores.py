@@ -114,7 +114,9 @@ class _TopKScorer:
     torch.topk over a 13M-entry ΔW costs ~0.3 s on a 2-core CPU; the threshold route below costs a
     few memory passes: estimate the K-th largest |ΔW| from a seeded sample, keep entries above a
     safely lower threshold, and take the exact top-K of those. If the estimate was too high (fewer
-    than K survivors) it falls back to a full top-K, so the result is always exact.
+    than K survivors) it falls back to a full top-K, so the result is always exact. On CPU the passes
+    run in numpy when it is installed (every WebUI has it): its boolean selection is ~10x faster than
+    torch's here.
     """
 
     def __init__(self, device: torch.device, max_numel: int) -> None:
@@ -122,32 +124,65 @@ class _TopKScorer:
         self.workspace = torch.empty(max_numel, dtype=torch.float32, device=device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
+        self.numpy = _numpy() if device.type == "cpu" else None
 
     def dense(self, source: DeltaSource) -> torch.Tensor:
         factors = getattr(source, "factors", None)
         if factors is None:  # e.g. LoHa/LoKr from a host loader: only the dense delta exists
-            return source.delta(self.device).float().reshape(-1)
+            return source.delta(self.device).float().reshape(-1).contiguous()
         up, down = factors(self.device)
         flat = self.workspace[: up.shape[0] * down.shape[1]]
         torch.mm(up, down, out=flat.view(up.shape[0], down.shape[1]))
         return flat
 
+    def _sample_rank(self, n: int, k: int) -> tuple[int, int]:
+        sample_size = min(n, _SAMPLE_SIZE)
+        # ~3x the expected number of sampled entries above the true threshold, plus slack.
+        return sample_size, min(sample_size, 3 * k * sample_size // n + 32)
+
     def score(self, source: DeltaSource, k: int) -> tuple[float, float]:
-        flat = self.dense(source).abs_()
-        l1 = float(flat.sum())  # fp32 cascade sum: ~1e-7 relative, 4x faster than fp64
+        flat = self.dense(source)
         n = flat.numel()
         k = min(k, n)
+        if self.numpy is not None:
+            return self._score_numpy(flat, k)
+        flat = flat.abs_()
+        l1 = float(flat.sum())  # fp32 cascade sum: ~1e-7 relative, 4x faster than fp64
         if k * 64 >= n:
             top = flat.topk(k, sorted=False).values
         else:
-            sample_size = min(n, _SAMPLE_SIZE)
+            sample_size, rank = self._sample_rank(n, k)
             sample = flat[torch.randint(0, n, (sample_size,), generator=self.generator, device=self.device)]
-            # ~3x the expected number of sampled entries above the true threshold, plus slack.
-            rank = min(sample_size, 3 * k * sample_size // n + 32)
             threshold = sample.topk(rank, sorted=False).values.min()
             survivors = flat[flat >= threshold]
             top = (survivors if survivors.numel() >= k else flat).topk(k, sorted=False).values
         return float(top.sum(dtype=torch.float64)), l1
+
+    def _score_numpy(self, flat: torch.Tensor, k: int) -> tuple[float, float]:
+        np = self.numpy
+        values = flat.numpy()
+        np.abs(values, out=values)
+        l1 = float(values.sum())  # numpy's pairwise fp32 sum
+        n = values.size
+        candidates = values
+        if k * 64 < n:
+            sample_size, rank = self._sample_rank(n, k)
+            index = torch.randint(0, n, (sample_size,), generator=self.generator).numpy()
+            sample = values[index]
+            threshold = np.partition(sample, sample_size - rank)[sample_size - rank]
+            survivors = values[values >= threshold]
+            if survivors.size >= k:
+                candidates = survivors
+        top = torch.from_numpy(candidates).topk(k, sorted=False).values
+        return float(top.sum(dtype=torch.float64)), l1
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
 
 
 def compute_scores(

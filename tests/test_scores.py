@@ -5,8 +5,19 @@ import math
 import pytest
 import torch
 
+from lib_klora import scores
 from lib_klora.lora_file import LowRankModule
 from lib_klora.scores import compute_scores
+
+
+@pytest.fixture(params=["numpy", "torch"], autouse=True)
+def selection_backend(request, monkeypatch):
+    """Run every scoring test through both exact top-K implementations."""
+    if request.param == "torch":
+        monkeypatch.setattr(scores, "_numpy", lambda: None)
+    elif scores._numpy() is None:
+        pytest.skip("numpy not installed")
+    return request.param
 
 
 def _module(
