@@ -1,0 +1,91 @@
+"""Live tests against a running WebUI with this extension installed.
+
+Skipped unless KLORA_WEBUI_URL is set (e.g. http://127.0.0.1:7860). The server needs two LoRAs in its
+LoRA list, named by KLORA_SUBJECT and KLORA_STYLE (default "subj" and "style"), and should be freshly
+started: the first request of the session records the plain reference image that every later plain
+generation must reproduce byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+URL = os.environ.get("KLORA_WEBUI_URL", "").rstrip("/")
+SUBJECT = os.environ.get("KLORA_SUBJECT", "subj")
+STYLE = os.environ.get("KLORA_STYLE", "style")
+TIMEOUT = float(os.environ.get("KLORA_WEBUI_TIMEOUT", "900"))
+
+pytestmark = pytest.mark.skipif(not URL, reason="KLORA_WEBUI_URL is not set")
+
+
+class Response:
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status, self.body = status, body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(method: str, path: str, payload: Any = None) -> Response:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(
+        URL + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return Response(response.status, response.read())
+    except urllib.error.HTTPError as exc:
+        return Response(exc.code, exc.read())
+
+
+BASE = {
+    "prompt": "a photo of a dog",
+    "negative_prompt": "",
+    "steps": 4,
+    "width": 64,
+    "height": 64,
+    "seed": 1234,
+    "sampler_name": "Euler",
+    "cfg_scale": 5,
+    "batch_size": 1,
+    "n_iter": 1,
+}
+
+
+def txt2img(**overrides: Any) -> dict:
+    response = call("POST", "/sdapi/v1/txt2img", {**BASE, **overrides})
+    assert response.status == 200, response.body[:500]
+    return response.json()
+
+
+def images(result: dict) -> list[bytes]:
+    return [base64.b64decode(image) for image in result["images"]]
+
+
+def pixels(png: bytes) -> bytes:
+    """Decoded pixels: PNG bytes also carry the infotext, which differs when only the prompt text does."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return image.convert("RGB").tobytes()
+
+
+def klora_args(**params: Any) -> dict:
+    return {"K-LoRA": {"args": [{"enabled": True, "subject": SUBJECT, "style": STYLE, **params}]}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def plain_reference() -> bytes:
+    """The plain image of a freshly started server, taken before any K-LoRA job."""
+    if not URL:
+        pytest.skip("KLORA_WEBUI_URL is not set")
+    return images(txt2img())[0]
