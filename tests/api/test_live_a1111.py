@@ -119,3 +119,38 @@ def test_batch_of_two(plain_reference: bytes) -> None:
     produced = images(txt2img(batch_size=2, alwayson_scripts=klora_args()))
     assert len(produced) == 2 and produced[0] != plain_reference
     assert images(txt2img())[0] == plain_reference
+
+
+def _mean_abs_diff(a: bytes, b: bytes) -> float:
+    return sum(abs(x - y) for x, y in zip(pixels(a), pixels(b), strict=True)) / len(pixels(a))
+
+
+def test_functional_mode_matches_merge_mode(plain_reference: bytes) -> None:
+    # Text-encoder LoRAs are left out: A1111 v1.10.1's own lora_functional mode changes text-encoder
+    # results (and every later merge-mode LoRA job's) even for plain stacked <lora> tags.
+    merged = images(txt2img(alwayson_scripts=klora_args(te_policy="none")))[0]
+    functional = images(
+        txt2img(alwayson_scripts=klora_args(te_policy="none"), override_settings={"lora_functional": True})
+    )[0]
+    assert pixels(merged) != pixels(plain_reference)
+    assert _mean_abs_diff(merged, functional) < 1.0  # same per-step choices; fp rounding only
+    assert images(txt2img())[0] == plain_reference
+
+
+def test_second_order_sampler_and_img2img(plain_reference: bytes) -> None:
+    heun = images(txt2img(sampler_name="Heun", alwayson_scripts=klora_args()))[0]
+    assert pixels(heun) != pixels(images(txt2img(sampler_name="Heun"))[0])
+    init = base64.b64encode(plain_reference).decode()
+    response = call(
+        "POST",
+        "/sdapi/v1/img2img",
+        {
+            **BASE,
+            "init_images": [init],
+            "denoising_strength": 0.6,
+            "alwayson_scripts": klora_args(show_map=True),
+        },
+    )
+    assert response.status == 200, response.body[:300]
+    assert len(response.json()["images"]) == 2  # the image and its selection map
+    assert images(txt2img())[0] == plain_reference
