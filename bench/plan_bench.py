@@ -26,6 +26,7 @@ from lib_klora.cache import ScoreCache
 from lib_klora.engine import plan_from_files
 from lib_klora.lora_file import read_lora_file
 from lib_klora.plan import PlanSettings
+from lib_klora.selection import LayerSelection
 from lib_klora.synthetic import make_lora_tensors, unet_layer_shapes, write_lora
 
 
@@ -79,13 +80,13 @@ def main() -> None:
             cached_runs.append(time.perf_counter() - start)
         cached_s = statistics.median(cached_runs)
 
-        # Per-step decision: what a sampler callback does each step (which layers change, and to what).
+        # Per-step decision, as the WebUI adapter does it each sampler step: take the step's column and
+        # update the per-layer selection, collecting the layers whose choice flips.
+        selection = LayerSelection([layer.canonical for layer in plan.table.layers])
         loops = 2000
         start = time.perf_counter()
         for i in range(loops):
-            step = i % args.steps
-            schedule.changed(step)
-            schedule.at(step)
+            selection.apply(schedule.at(i % args.steps).tolist())
         per_step_us = (time.perf_counter() - start) / loops * 1e6
 
         # Official per-forward recomputation: one sample layer per distinct shape pair, extrapolated.
