@@ -41,11 +41,22 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
 
-    base = {"prompt": "a photo of a dog", "steps": args.steps, "width": args.size, "height": args.size,
-            "seed": 42, "sampler_name": "Euler", "cfg_scale": 5}
+    base = {
+        "prompt": "a photo of a dog",
+        "steps": args.steps,
+        "width": args.size,
+        "height": args.size,
+        "seed": 42,
+        "sampler_name": "Euler",
+        "cfg_scale": 5,
+    }
     variants = {
-        "klora": {**base, "alwayson_scripts": {"K-LoRA": {"args": [
-            {"enabled": True, "subject": args.subject, "style": args.style}]}}},
+        "klora": {
+            **base,
+            "alwayson_scripts": {
+                "K-LoRA": {"args": [{"enabled": True, "subject": args.subject, "style": args.style}]}
+            },
+        },
         "stacked": {**base, "prompt": base["prompt"] + f" <lora:{args.subject}:1> <lora:{args.style}:1>"},
         "single": {**base, "prompt": base["prompt"] + f" <lora:{args.subject}:1>"},
     }
@@ -58,8 +69,10 @@ def main() -> None:
         print(f"round {round_index + 1}: " + "  ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
     median = {name: statistics.median(values) for name, values in times.items()}
     print("medians: " + "  ".join(f"{n} {m:.2f}s" for n, m in median.items()))
-    print(f"RESULT klora_vs_stacked={median['klora'] / median['stacked']:.4f} "
-          f"klora_vs_single={median['klora'] / median['single']:.4f}")
+    print(
+        f"RESULT klora_vs_stacked={median['klora'] / median['stacked']:.4f} "
+        f"klora_vs_single={median['klora'] / median['single']:.4f}"
+    )
 
 
 if __name__ == "__main__":
