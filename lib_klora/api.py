@@ -113,6 +113,7 @@ def validate_generation_request(
         if resolve_lora is not None and getattr(params, "enabled", False):
             _check_names(params, resolve_lora, f"alwayson_scripts[{key!r}].args")
 
+    pairs: dict[str, tuple[str, str]] = {}
     for field, tags in tagged:
         for positional, named in tags:
             try:
@@ -122,6 +123,11 @@ def validate_generation_request(
                 raise RequestRejected(f"{field}: {exc}") from None
             if resolve_lora is not None:
                 _check_names(params, resolve_lora, f"{field}: {format_tag(positional, named)}")
+            pairs.setdefault(field, (params.subject, params.style))
+    if len(set(pairs.values())) > 1:  # the job would stop at its start: say so before queueing it
+        raise RequestRejected(
+            "hr_prompt: the hires prompt's <klora> tag must name the same subject and style LoRAs"
+        )
     return True
 
 

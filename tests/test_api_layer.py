@@ -558,3 +558,11 @@ def test_api_module_does_not_import_the_host() -> None:
     assert "import modules" not in source and "from modules" not in source
     assert "\nimport fastapi" not in source and "\nfrom fastapi" not in source
     assert "\nfrom starlette" not in source and "\nimport starlette" not in source
+
+
+def test_hires_tag_with_another_pair_is_rejected() -> None:
+    body = {"prompt": "a <klora:subj:sty>", "hr_prompt": "a <klora:sty:subj>"}
+    with pytest.raises(api.RequestRejected, match="same subject and style"):
+        api.validate_generation_request(body, resolve_lora=lambda name: True)
+    same = {"prompt": "a <klora:subj:sty>", "hr_prompt": "b <klora:subj:sty:pattern=s*>"}
+    assert api.validate_generation_request(same, resolve_lora=lambda name: True)
