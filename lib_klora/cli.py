@@ -158,13 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    from .evaluate import add_eval_parser  # imports no model library until the command runs
+
+    add_eval_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.steps <= 0:
+    if getattr(args, "steps", 1) <= 0:
         parser.error("--steps must be a positive integer")
     try:
         return args.func(args)
