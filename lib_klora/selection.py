@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .plan import SUBJECT, StepSchedule
+from .plan import SUBJECT
 
 TE_POLICIES = ("both", "subject", "style", "none")
 
@@ -88,7 +88,3 @@ class PassTracker:
     @property
     def progress(self) -> float:
         return self.step / self.steps if self.steps else 0.0
-
-
-def choices_at(schedule: StepSchedule, step: int) -> list[int]:
-    return schedule.at(step).tolist()

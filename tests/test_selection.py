@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lib_klora.plan import StepSchedule
-from lib_klora.selection import TE_POLICIES, LayerSelection, PassTracker, choices_at
+from lib_klora.selection import TE_POLICIES, LayerSelection, PassTracker
 
 SUBJECT, STYLE, BOTH = 0, 1, 2
 MANAGED = ["diffusion_model_a", "diffusion_model_b", "diffusion_model_c"]
@@ -181,5 +181,5 @@ def test_step_is_clamped_at_the_last_step() -> None:
 def test_choices_at_reads_one_column() -> None:
     choices = torch.tensor([[0, 1, 1], [0, 0, 1]], dtype=torch.uint8)
     schedule = StepSchedule(3, ("subject", "style", "both"), choices, ((0, 1), (0,), (1,)))
-    assert choices_at(schedule, 1) == [1, 0]
-    assert choices_at(schedule, 99) == [1, 1]  # clamped by the schedule
+    assert schedule.at(1).tolist() == [1, 0]
+    assert schedule.at(99).tolist() == [1, 1]  # clamped by the schedule
