@@ -470,6 +470,15 @@ class KLoraParams(BaseModel):
 
     # ------------------------------------------------------------ infotext
 
+    @property
+    def _beta_is_plain_default(self) -> bool:
+        """The accordion shows β resolved, so it usually sends the pattern's default explicitly. That
+        means "default" unless a hires pass with another pattern inherits the literal value."""
+        if self.beta != default_beta(self.pattern):
+            return False
+        inherited = self.hires == "separate" and self.hires_beta is None
+        return not (inherited and self.hires_pattern not in (None, self.pattern))
+
     def to_infotext(self) -> dict[str, str]:
         """Generation-parameter entries: "K-LoRA" = "<subject>:<style>", then only non-default values.
 
@@ -483,7 +492,7 @@ class KLoraParams(BaseModel):
             out[INFOTEXT_KEYS["strengths"]] = strengths
         for name in _INFOTEXT_SCALARS:
             value = getattr(self, name)
-            if value == _DEFAULTS[name]:
+            if value == _DEFAULTS[name] or (name == "beta" and self._beta_is_plain_default):
                 continue
             if isinstance(value, bool):
                 text = "on" if value else "off"

@@ -61,6 +61,10 @@ class PlanSettings:
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
         object.__setattr__(self, "gamma", _enum(GammaVariant, self.gamma, "gamma variant"))
         object.__setattr__(self, "strengths", tuple(float(s) for s in self.strengths))
+        # Resolve "the pattern's default" now, so equal schedules compare (and hash) equal.
+        object.__setattr__(
+            self, "beta", default_beta(self.pattern) if self.beta is None else float(self.beta)
+        )
         for name in ("alpha", "beta"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -72,7 +76,7 @@ class PlanSettings:
 
     @property
     def resolved_beta(self) -> float:
-        return default_beta(self.pattern) if self.beta is None else float(self.beta)
+        return float(self.beta)  # type: ignore[arg-type]  # never None after __post_init__
 
 
 def balance_factors(table: ScoreTable, strengths: tuple[float, ...], variant: GammaVariant) -> list[float]:

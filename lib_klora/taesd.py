@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from .errors import KLoraError
+from .lora_file import PICKLE_SUFFIXES
 
 LATENT_CHANNELS = 4
 WIDTH = 64
 # Public file names (github.com/madebyollin/taesd); the WebUI keeps the .pth twins in models/VAE-taesd.
 DECODER_FILES = {"sd": "taesd_decoder.safetensors", "sdxl": "taesdxl_decoder.safetensors"}
-_PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl", ".pickle")
 
 
 class TaesdError(KLoraError):
@@ -146,7 +146,7 @@ def load_taesd_decoder(
         decoder = decoder_from_state_dict(state_dict)
     else:
         p = Path(path)  # type: ignore[arg-type]
-        if p.suffix.lower() in _PICKLE_SUFFIXES:
+        if p.suffix.lower() in PICKLE_SUFFIXES:
             raise TaesdError(
                 f"{p}: pickle checkpoints are not loaded (unpickling can run arbitrary code). Download the "
                 f"safetensors file instead ({DECODER_FILES['sd']} for SD1/SD2, {DECODER_FILES['sdxl']} for "

@@ -444,8 +444,8 @@ def test_infotext_full_round_trip() -> None:
     [
         {"subject_strength": 0.1 + 0.2},  # a float whose shortest text is long
         {"style_strength": 1 / 3, "beta": -1e-7},
-        {"beta": 0.5},  # explicitly the default value: must stay explicit
-        {"pattern": "s*", "beta": 1.3},
+        # an explicit default β that a hires pass with another pattern inherits must stay explicit
+        {"beta": 0.5, "hires": "separate", "hires_pattern": "s*"},
         {"hires": "off"},
         {"hires_alpha": 4.0},  # set but unused (hires == "same") still round-trips
         {"seed": 2**32 - 1},
@@ -458,6 +458,17 @@ def test_infotext_round_trip_is_exact(changes: dict) -> None:
     assert back == p
     for name in changes:
         assert getattr(back, name) == getattr(p, name) and type(getattr(back, name)) is type(getattr(p, name))
+
+
+@pytest.mark.parametrize("changes", [{"beta": 0.5}, {"pattern": "s*", "beta": 1.3}])
+def test_infotext_leaves_out_a_beta_equal_to_the_pattern_default(changes: dict) -> None:
+    # The accordion always sends β resolved; repeating the default in every image's infotext is noise.
+    p = enabled(**changes)
+    assert "K-LoRA beta" not in p.to_infotext()
+    back = KLoraParams.from_infotext(p.to_infotext())
+    assert back.effective_beta == p.effective_beta
+    assert back.to_plan_settings() == p.to_plan_settings()
+    assert back.to_plan_settings(is_hires=True) == p.to_plan_settings(is_hires=True)
 
 
 def test_infotext_survives_host_quoting() -> None:

@@ -20,7 +20,6 @@ from ..errors import KLoraError
 from ..params import KLoraParams, ParamsError
 from ..plan import PlanSettings
 from ..prompt_tag import find_extra_networks, find_tags, params_from_tag
-from ..schedule import default_beta
 from ..scores import ScoringInterrupted
 from ..selection_map import render_selection_map
 from . import a1111_engine as engine
@@ -64,10 +63,6 @@ def score_device() -> Any:
 # ---------------------------------------------------------------- parameters of one job
 
 
-def _klora_tags(prompt: str | None) -> list[tuple[list[str], dict[str, str]]]:
-    return find_tags(prompt or "")
-
-
 def job_params(p: Any, args: tuple) -> tuple[KLoraParams | None, KLoraParams | None]:
     """First-pass and hires-pass params (None = off): tag > X/Y/Z > UI/API args.
 
@@ -78,12 +73,12 @@ def job_params(p: Any, args: tuple) -> tuple[KLoraParams | None, KLoraParams | N
     overrides = getattr(p, "_klora_xyz", None)
     if overrides:
         base = base.with_overrides(overrides)
-    first_tags = _klora_tags((getattr(p, "all_prompts", None) or [p.prompt])[0])
+    first_tags = find_tags((getattr(p, "all_prompts", None) or [p.prompt])[0] or "")
     first = params_from_tag(*first_tags[0], base) if first_tags else (base if base.enabled else None)
     hires = None
     if getattr(p, "enable_hr", False):
         hr_prompts = getattr(p, "all_hr_prompts", None) or [getattr(p, "hr_prompt", "") or ""]
-        hr_tags = _klora_tags(hr_prompts[0])
+        hr_tags = find_tags(hr_prompts[0] or "")
         if hr_tags:
             hires = params_from_tag(*hr_tags[0], first or base)
         elif first is not None and not first_tags:
@@ -94,15 +89,7 @@ def job_params(p: Any, args: tuple) -> tuple[KLoraParams | None, KLoraParams | N
         and (hires.subject, hires.style) != (first.subject, first.style)
     ):
         raise ParamsError("K-LoRA: the hires prompt's <klora> tag must name the same subject and style LoRAs")
-    return _explicit_beta_only(first), _explicit_beta_only(hires)
-
-
-def _explicit_beta_only(params: KLoraParams | None) -> KLoraParams | None:
-    """The accordion shows β resolved; a β equal to the pattern's default means "default", so
-    infotexts stay short."""
-    if params is not None and params.beta is not None and params.beta == default_beta(params.pattern):
-        return params.with_overrides({"beta": None})
-    return params
+    return first, hires
 
 
 def _stop_job(p: Any, message: str) -> None:

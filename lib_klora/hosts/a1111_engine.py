@@ -20,14 +20,14 @@ import torch
 
 from ..cache import ScoreCache
 from ..errors import KLoraError
+from ..lora_file import PICKLE_SUFFIXES
 from ..params import KLoraParams
-from ..plan import FusionPlan, StepSchedule
+from ..plan import FusionPlan, PlanSettings, StepSchedule
 from ..scores import ScoreTable, compute_scores
 from ..selection import LayerSelection, PassTracker
 
 UNET_PREFIX = "diffusion_model_"
 DIRTY = ("klora-dirty",)
-PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 
 
 class KLoraJobError(KLoraError):
@@ -193,7 +193,7 @@ class Job:
     touched_modules: list[torch.nn.Module]  # every layer either LoRA adapts
     selection: LayerSelection
     tracker: PassTracker = field(default_factory=PassTracker)
-    plans: dict[tuple, FusionPlan] = field(default_factory=dict)
+    plans: dict[PlanSettings, FusionPlan] = field(default_factory=dict)
     passes: list[PassRecord] = field(default_factory=list)
     slots: list[Any] = field(default_factory=list)
     failed: str | None = None
@@ -203,19 +203,10 @@ class Job:
         return self.hires_params if is_hires else self.params
 
     def plan_for(self, params: KLoraParams) -> FusionPlan:
-        settings = params.to_plan_settings()
-        key = (
-            settings.method,
-            settings.pattern,
-            settings.alpha,
-            settings.resolved_beta,
-            settings.gamma,
-            settings.strengths,
-            settings.seed,
-        )
-        if key not in self.plans:
-            self.plans[key] = FusionPlan(self.table, settings)
-        return self.plans[key]
+        settings = params.to_plan_settings()  # frozen and hashable: equal settings share one plan
+        if settings not in self.plans:
+            self.plans[settings] = FusionPlan(self.table, settings)
+        return self.plans[settings]
 
 
 def _layer_mapping(model: Any) -> dict[str, torch.nn.Module]:
