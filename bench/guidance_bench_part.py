@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib_klora.encoders import ClipImageEncoder, DinoEncoder
 from lib_klora.guidance import GuidanceConfig, GuidanceEncoders, ReferenceSet, guide_x0
+from lib_klora.scores import resolve_device
 from lib_klora.taesd import TaesdDecoder, decoder_from_state_dict
 
 # runwayml/stable-diffusion-v1-5 unet/config.json, written out so the bench needs no download.
@@ -76,7 +77,7 @@ def guided_vs_unguided(
     verbose: bool = True,
 ) -> float:
     """Median guided step time / median unguided step time (one image, CFG batch 2, latent ``size``²)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from .encoders import ClipImageEncoder, DinoEncoder, parse_clip_spec
 from .errors import KLoraError
+from .scores import resolve_device
 
 DEFAULT_EVAL_CLIP = "ViT-L-14:openai"
 DEFAULT_EVAL_DINO = "vit_small_patch16_224.dino"
@@ -94,12 +95,6 @@ def _load_all(items: Sequence[ImageInput]) -> tuple[list[Image.Image], list[str]
     return images, names
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_eval_encoders(
     clip: str = DEFAULT_EVAL_CLIP,
     dino: str = DEFAULT_EVAL_DINO,
@@ -111,7 +106,7 @@ def build_eval_encoders(
 ) -> tuple[ClipImageEncoder, DinoEncoder]:
     """The two evaluation encoders. ``pretrained=False`` gives seeded random weights (tests, demos)."""
     model, tag = parse_clip_spec(clip)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if pretrained:
         tag = tag or DEFAULT_CLIP_TAGS.get(model)
         if tag is None:
