@@ -13,7 +13,7 @@ from . import __version__
 from .cache import ScoreCache
 from .engine import plan_from_files
 from .plan import FusionPlan, GammaVariant, Method, PlanSettings
-from .schedule import Pattern
+from .schedule import DEFAULT_ALPHA, Pattern
 from .selection_map import save_selection_map
 
 
@@ -107,7 +107,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--alpha", type=float, default=1.5, help="slope of the time scale (default 1.5)")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"slope of the time scale (default {DEFAULT_ALPHA:g})",
+    )
     parser.add_argument(
         "--beta",
         type=float,
