@@ -14,9 +14,12 @@ imported lazily by :meth:`KLoraParams.to_plan_settings`.
 
 from __future__ import annotations
 
+import base64
 import difflib
+import functools
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -26,6 +29,7 @@ except ImportError:  # older pydantic 1.x
     from pydantic import BaseModel, Field, ValidationError, validate_model, validator  # type: ignore[no-redef]
 
 from .errors import KLoraError
+from .references import ReferenceImageError, decode_reference_image
 from .schedule import DEFAULT_ALPHA, default_beta
 
 if TYPE_CHECKING:
@@ -47,20 +51,24 @@ __all__ = [
 ]
 
 # Mirrors of lib_klora.plan.Method / GammaVariant and lib_klora.schedule.Pattern (tests keep them equal).
-MethodName = Literal["klora", "merge", "fixed", "random"]
+MethodName = Literal["klora", "merge", "fixed", "random", "dynamic"]
 PatternName = Literal["s", "s*"]
 GammaName = Literal["official", "paper"]
 TePolicy = Literal["both", "subject", "style", "none"]
 HiresMode = Literal["same", "off", "separate"]
+KlDirection = Literal["forward", "symmetric"]
+DecoderName = Literal["taesd", "vae"]
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("klora", "merge", "fixed", "random"),
+    "method": ("klora", "merge", "fixed", "random", "dynamic"),
     "pattern": ("s", "s*"),
     "gamma": ("official", "paper"),
     "te_policy": ("both", "subject", "style", "none"),
     "hires": ("same", "off", "separate"),
-    "hires_method": ("klora", "merge", "fixed", "random"),
+    "hires_method": ("klora", "merge", "fixed", "random", "dynamic"),
     "hires_pattern": ("s", "s*"),
+    "kl_direction": ("forward", "symmetric"),
+    "guidance_decoder": ("taesd", "vae"),
 }
 
 MAX_NAME_LENGTH = 255
@@ -68,6 +76,16 @@ MAX_SEED = 2**32 - 1  # the WebUI's own seed range
 STRENGTH_LIMIT = 5.0
 ALPHA_LIMIT = 10.0
 BETA_LIMIT = 10.0
+TEMPERATURE_LIMIT = 100.0
+GUIDANCE_WEIGHT_LIMIT = 10.0
+ETA_LIMIT = 1.0
+MAX_GUIDANCE_EVERY = 1000
+MAX_GUIDANCE_ITERS = 10
+MAX_REFERENCES = 16  # per kind; each one is embedded once per job
+MAX_REFERENCE_TEXT = 48 * 1024 * 1024  # base64 characters of one reference (about 36 MB of file)
+MAX_MODEL_NAME = 120
+DEFAULT_CLIP_MODEL = "ViT-B-32:laion2b_s34b_b79k"  # open_clip MODEL:PRETRAINED
+DEFAULT_DINO_MODEL = "vit_small_patch16_224.dino"  # timm model name
 
 FIELD_LABELS: dict[str, str] = {
     "enabled": "Enable K-LoRA",
@@ -88,6 +106,25 @@ FIELD_LABELS: dict[str, str] = {
     "hires_alpha": "Hires alpha",
     "hires_beta": "Hires beta",
     "show_map": "Show selection map",
+    "kl_temperature": "KL temperature",
+    "kl_direction": "KL direction",
+    "kl_per_sample": "Decide per image",
+    "kl_hybrid": "Hybrid with K-LoRA time scale",
+    "guidance": "Enable reference guidance",
+    "guidance_style": "Style weight (CLIP)",
+    "guidance_subject": "Subject weight (DINO)",
+    "guidance_subject_clip": "Subject weight (CLIP)",
+    "guidance_text": "Prompt weight (CLIP text)",
+    "guidance_eta": "Step size η",
+    "guidance_start": "Guidance start",
+    "guidance_end": "Guidance end",
+    "guidance_every": "Guide every k-th step",
+    "guidance_iters": "Gradient steps per guided step",
+    "guidance_decoder": "Decoder for guidance",
+    "clip_model": "CLIP model",
+    "dino_model": "DINO model",
+    "style_refs": "Style reference images",
+    "subject_refs": "Subject reference images",
 }
 
 FIELD_HELP: dict[str, str] = {
@@ -98,7 +135,8 @@ FIELD_HELP: dict[str, str] = {
     "style_strength": "Multiplier of the style LoRA, as in <lora:name:strength> (-5 to 5).",
     "method": (
         "klora: per-layer choice by Top-K scores and a time scale (the paper). merge: both LoRAs everywhere. "
-        "fixed: switch by time only. random: a seeded random choice per layer (baselines for comparison)."
+        "fixed: switch by time only. random: a seeded random choice per layer (baselines for comparison). "
+        "dynamic: per layer and step, the LoRA whose output differs more (KL) from the base output."
     ),
     "pattern": "s: subject early, style late. s*: style first, a wrap back to the subject, then style again.",
     "alpha": "Slope of the time scale S(r) = alpha·r + beta; larger hands layers to the style sooner (0-10).",
@@ -112,10 +150,43 @@ FIELD_HELP: dict[str, str] = {
     "hires_alpha": "Alpha for the hires pass when 'separate'; empty keeps the first pass's alpha.",
     "hires_beta": "Beta for the hires pass when 'separate'; empty keeps the first pass's beta.",
     "show_map": "Append an image of which LoRA each layer used at each step to the outputs.",
+    "kl_temperature": "Method dynamic: softmax temperature of the distributions KL compares (>0-100).",
+    "kl_direction": "Method dynamic: forward KL(base‖LoRA), or symmetric (both directions added).",
+    "kl_per_sample": "Method dynamic: decide per image of the batch (cond and uncond may then differ).",
+    "kl_hybrid": "Method dynamic: scale the style divergence by K-LoRA's S(t) (pattern, alpha, beta).",
+    "guidance": (
+        "Nudge each step's denoised image towards the reference images (CLIP for style, DINO for subject). "
+        "Works with every method; slower (a decode and two encoders with gradients per guided step)."
+    ),
+    "guidance_style": "Weight of CLIP image similarity to the style references (0 = off, max 10).",
+    "guidance_subject": "Weight of DINO similarity to the subject references (0 = off, max 10).",
+    "guidance_subject_clip": "Weight of CLIP image similarity to the subject references (default off).",
+    "guidance_text": "Weight of CLIP similarity to the prompt (default off; needs no reference image).",
+    "guidance_eta": "Size of each nudge, in units of the latent's RMS, scaled down with the noise (>0-1).",
+    "guidance_start": "First guided point of each pass, as a fraction of its steps (0-1).",
+    "guidance_end": "Guidance stops at this fraction of each pass's steps (0-1; late nudges add artefacts).",
+    "guidance_every": "Guide every k-th step inside the window (1 = every step; 1-1000).",
+    "guidance_iters": "Gradient steps per guided step (1-10).",
+    "guidance_decoder": "taesd: the tiny decoder (fast). vae: the checkpoint's full VAE (slow, more memory).",
+    "clip_model": "open_clip model and weights as MODEL:PRETRAINED, e.g. ViT-B-32:laion2b_s34b_b79k.",
+    "dino_model": "timm DINO model, e.g. vit_small_patch16_224.dino.",
+    "style_refs": "Images of the style (API: a list of base64 strings). Not stored in the infotext.",
+    "subject_refs": "Images of the subject (API: a list of base64 strings). Not stored in the infotext.",
 }
 
 _NAME_FIELDS = ("subject", "style")
-_BOOL_FIELDS = ("enabled", "show_map")
+_BOOL_FIELDS = ("enabled", "show_map", "kl_per_sample", "kl_hybrid", "guidance")
+REFERENCE_FIELDS = ("style_refs", "subject_refs")
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "seed": (0, MAX_SEED),
+    "guidance_every": (1, MAX_GUIDANCE_EVERY),
+    "guidance_iters": (1, MAX_GUIDANCE_ITERS),
+}
+# open_clip MODEL:PRETRAINED (or MODEL/PRETRAINED, writable in a tag); timm model names.
+_MODEL_NAME_PATTERNS = {
+    "clip_model": re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]*[:/][A-Za-z0-9][A-Za-z0-9._+@-]*"),
+    "dino_model": re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*"),
+}
 # field -> (low, low is allowed, high): every float is finite and at most `high`
 _FLOAT_RANGES: dict[str, tuple[float, bool, float]] = {
     "subject_strength": (-STRENGTH_LIMIT, True, STRENGTH_LIMIT),
@@ -124,6 +195,14 @@ _FLOAT_RANGES: dict[str, tuple[float, bool, float]] = {
     "beta": (-BETA_LIMIT, True, BETA_LIMIT),
     "hires_alpha": (0.0, False, ALPHA_LIMIT),
     "hires_beta": (-BETA_LIMIT, True, BETA_LIMIT),
+    "kl_temperature": (0.0, False, TEMPERATURE_LIMIT),
+    "guidance_style": (0.0, True, GUIDANCE_WEIGHT_LIMIT),
+    "guidance_subject": (0.0, True, GUIDANCE_WEIGHT_LIMIT),
+    "guidance_subject_clip": (0.0, True, GUIDANCE_WEIGHT_LIMIT),
+    "guidance_text": (0.0, True, GUIDANCE_WEIGHT_LIMIT),
+    "guidance_eta": (0.0, False, ETA_LIMIT),
+    "guidance_start": (0.0, True, 1.0),
+    "guidance_end": (0.0, True, 1.0),
 }
 _OPTIONAL_FIELDS = frozenset({"beta", "hires_method", "hires_pattern", "hires_alpha", "hires_beta"})
 # What "not set" looks like in a text box, a dropdown or a tag; only optional fields accept it.
@@ -251,6 +330,58 @@ def _parse_name(value: object) -> str:
     return name
 
 
+def clip_model_parts(spec: str) -> tuple[str, str]:
+    """("ViT-B-32", "laion2b_s34b_b79k") from either spelling of a validated clip_model."""
+    model, _, tag = spec.replace("/", ":").partition(":")
+    return model, tag
+
+
+def _parse_model_name(field: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a model name (text)")
+    name = value.strip()
+    if len(name) > MAX_MODEL_NAME or not _MODEL_NAME_PATTERNS[field].fullmatch(name) or ".." in name:
+        example = DEFAULT_CLIP_MODEL if field == "clip_model" else DEFAULT_DINO_MODEL
+        raise ValueError(f"is not a model name like {example!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=64)
+def _check_reference_text(text: str) -> None:
+    """Decode once: the same upload is validated again by every copy of the parameters (hires, X/Y/Z)."""
+    decode_reference_image(text, name="image")
+
+
+def _parse_references(value: object) -> tuple[str, ...]:
+    """Uploads as base64 text (API: strings, data URLs allowed) or raw bytes (the accordion's file boxes).
+
+    Every item must decode to an image; the result is base64 text, so the parameters stay JSON-able.
+    """
+    if value is None or value == "":
+        return ()
+    if isinstance(value, (str, bytes, bytearray)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("must be a list of images (base64 strings)")
+    if len(value) > MAX_REFERENCES:
+        raise ValueError(f"at most {MAX_REFERENCES} images, got {len(value)}")
+    out: list[str] = []
+    for number, item in enumerate(value, 1):
+        if isinstance(item, (bytes, bytearray)):
+            item = base64.b64encode(bytes(item)).decode("ascii")
+        if not isinstance(item, str):
+            raise ValueError(f"image {number}: must be a base64 string, got {type(item).__name__}")
+        if len(item) > MAX_REFERENCE_TEXT:
+            limit = MAX_REFERENCE_TEXT // (1024 * 1024)
+            raise ValueError(f"image {number}: larger than {limit} MB of base64")
+        try:
+            _check_reference_text(item)
+        except ReferenceImageError as exc:
+            raise ValueError(f"image {number}: {str(exc).removeprefix('image: ')}") from None
+        out.append(item)
+    return tuple(out)
+
+
 def _is_unset(value: object) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in _UNSET_WORDS)
 
@@ -263,11 +394,16 @@ def _parse_field(field: str, value: object) -> object:
         return _parse_name(value)
     if field in _BOOL_FIELDS:
         return _parse_bool(value)
-    if field == "seed":
-        seed = _parse_int(value)
-        if not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"must be an integer from 0 to {MAX_SEED}")
-        return seed
+    if field in _INT_RANGES:
+        low, high = _INT_RANGES[field]
+        number = _parse_int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return number
+    if field in _MODEL_NAME_PATTERNS:
+        return _parse_model_name(field, value)
+    if field in REFERENCE_FIELDS:
+        return _parse_references(value)
     if field in CHOICES:
         return _parse_choice(field, value)
     if field in _FLOAT_RANGES:
@@ -289,6 +425,12 @@ def _format_number(value: float) -> str:
 
 
 # ---------------------------------------------------------------- the model
+
+
+def _weight_field(name: str, default: float) -> Any:
+    return Field(
+        default, title=FIELD_LABELS[name], description=FIELD_HELP[name], ge=0, le=GUIDANCE_WEIGHT_LIMIT
+    )
 
 
 class KLoraParams(BaseModel):
@@ -348,6 +490,70 @@ class KLoraParams(BaseModel):
         le=BETA_LIMIT,
     )
     show_map: bool = Field(False, title=FIELD_LABELS["show_map"], description=FIELD_HELP["show_map"])
+    # Method "dynamic" (feature-level KL selection)
+    kl_temperature: float = Field(
+        1.0, title=FIELD_LABELS["kl_temperature"], description=FIELD_HELP["kl_temperature"], gt=0, le=100
+    )
+    kl_direction: KlDirection = Field(
+        "forward", title=FIELD_LABELS["kl_direction"], description=FIELD_HELP["kl_direction"]
+    )
+    kl_per_sample: bool = Field(
+        False, title=FIELD_LABELS["kl_per_sample"], description=FIELD_HELP["kl_per_sample"]
+    )
+    kl_hybrid: bool = Field(False, title=FIELD_LABELS["kl_hybrid"], description=FIELD_HELP["kl_hybrid"])
+    # Reference guidance (latent-level refinement), with any method
+    guidance: bool = Field(False, title=FIELD_LABELS["guidance"], description=FIELD_HELP["guidance"])
+    guidance_style: float = _weight_field("guidance_style", 1.0)
+    guidance_subject: float = _weight_field("guidance_subject", 1.0)
+    guidance_subject_clip: float = _weight_field("guidance_subject_clip", 0.0)
+    guidance_text: float = _weight_field("guidance_text", 0.0)
+    guidance_eta: float = Field(
+        0.05, title=FIELD_LABELS["guidance_eta"], description=FIELD_HELP["guidance_eta"], gt=0, le=ETA_LIMIT
+    )
+    guidance_start: float = Field(
+        0.0, title=FIELD_LABELS["guidance_start"], description=FIELD_HELP["guidance_start"], ge=0, le=1
+    )
+    guidance_end: float = Field(
+        0.9, title=FIELD_LABELS["guidance_end"], description=FIELD_HELP["guidance_end"], ge=0, le=1
+    )
+    guidance_every: int = Field(
+        1,
+        title=FIELD_LABELS["guidance_every"],
+        description=FIELD_HELP["guidance_every"],
+        ge=1,
+        le=MAX_GUIDANCE_EVERY,
+    )
+    guidance_iters: int = Field(
+        1,
+        title=FIELD_LABELS["guidance_iters"],
+        description=FIELD_HELP["guidance_iters"],
+        ge=1,
+        le=MAX_GUIDANCE_ITERS,
+    )
+    guidance_decoder: DecoderName = Field(
+        "taesd", title=FIELD_LABELS["guidance_decoder"], description=FIELD_HELP["guidance_decoder"]
+    )
+    clip_model: str = Field(
+        DEFAULT_CLIP_MODEL,
+        title=FIELD_LABELS["clip_model"],
+        description=FIELD_HELP["clip_model"],
+        max_length=MAX_MODEL_NAME,
+    )
+    dino_model: str = Field(
+        DEFAULT_DINO_MODEL,
+        title=FIELD_LABELS["dino_model"],
+        description=FIELD_HELP["dino_model"],
+        max_length=MAX_MODEL_NAME,
+    )
+    style_refs: tuple[str, ...] = Field(
+        (), title=FIELD_LABELS["style_refs"], description=FIELD_HELP["style_refs"], maxItems=MAX_REFERENCES
+    )
+    subject_refs: tuple[str, ...] = Field(
+        (),
+        title=FIELD_LABELS["subject_refs"],
+        description=FIELD_HELP["subject_refs"],
+        maxItems=MAX_REFERENCES,
+    )
 
     class Config:
         extra = "forbid"
@@ -360,16 +566,18 @@ class KLoraParams(BaseModel):
         return _parse_field(field.name, value)
 
     def __init__(self, **data: Any) -> None:
+        # An infotext never holds the reference images, so a pasted "guidance on" cannot be complete yet.
+        references_follow = bool(data.pop("_references_follow", False))
         clean = _prepare(data)
         try:
             super().__init__(**clean)
         except ValidationError as exc:
             raise _from_validation_error(exc, clean) from None
-        problems = self._cross_field_problems()
+        problems = self._cross_field_problems(check_references=not references_follow)
         if problems:
             raise ParamsError(problems)
 
-    def _cross_field_problems(self) -> list[tuple[str, str]]:
+    def _cross_field_problems(self, *, check_references: bool = True) -> list[tuple[str, str]]:
         if not self.enabled:  # a disabled accordion may hold half-filled values; they do nothing
             return []
         problems = []
@@ -378,7 +586,39 @@ class KLoraParams(BaseModel):
                 problems.append((name, f"a {name} LoRA is required when K-LoRA is enabled"))
         if self.subject and self.subject == self.style:
             problems.append(("style", f"must be a different LoRA from the subject ({self.subject!r})"))
+        if self.guidance:
+            if self.guidance_start >= self.guidance_end:
+                problems.append(
+                    ("guidance_end", f"must be greater than guidance_start ({self.guidance_start:g})")
+                )
+            if check_references and not self.guidance_terms():
+                problems.append(("guidance", self._no_guidance_target()))
         return problems
+
+    def guidance_terms(self) -> dict[str, float]:
+        """The guidance terms that will run: a positive weight and something to compare with."""
+        terms = {
+            "style_clip": self.guidance_style if self.style_refs else 0.0,
+            "subject_dino": self.guidance_subject if self.subject_refs else 0.0,
+            "subject_clip": self.guidance_subject_clip if self.subject_refs else 0.0,
+            "text_clip": self.guidance_text,
+        }
+        return {term: weight for term, weight in terms.items() if weight > 0}
+
+    def _no_guidance_target(self) -> str:
+        if not self.style_refs and not self.subject_refs:
+            return (
+                "guidance is on but there are no reference images: add style and/or subject reference "
+                "images (API: style_refs / subject_refs as base64 strings), or switch guidance off"
+            )
+        return (
+            "guidance is on but every term with reference images has weight 0: raise guidance_style "
+            "(style images) or guidance_subject / guidance_subject_clip (subject images)"
+        )
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.enabled and self.guidance and bool(self.guidance_terms())
 
     # ------------------------------------------------------------ construction from the host
 
@@ -458,6 +698,10 @@ class KLoraParams(BaseModel):
         params = self.for_pass(is_hires)
         if params is None:
             return None
+        if params.method == "dynamic":
+            raise ParamsError(
+                [("method", "'dynamic' decides from the activations during sampling: no precomputed plan")]
+            )
         return PlanSettings(
             method=Method(params.method),
             pattern=params.pattern,
@@ -494,6 +738,8 @@ class KLoraParams(BaseModel):
             value = getattr(self, name)
             if value == _DEFAULTS[name] or (name == "beta" and self._beta_is_plain_default):
                 continue
+            if name.startswith(("kl_", "guidance_", "clip_", "dino_")) and not self._setting_in_use(name):
+                continue
             if isinstance(value, bool):
                 text = "on" if value else "off"
             elif isinstance(value, float):
@@ -502,6 +748,12 @@ class KLoraParams(BaseModel):
                 text = str(value)
             out[INFOTEXT_KEYS[name]] = text
         return out
+
+    def _setting_in_use(self, name: str) -> bool:
+        """Settings of a feature that is off stay out of the infotext (they changed nothing)."""
+        if name.startswith("kl_"):
+            return "dynamic" in (self.method, self.hires_method)
+        return self.guidance
 
     @classmethod
     def from_infotext(cls, entries: Mapping[str, Any]) -> KLoraParams | None:
@@ -531,7 +783,7 @@ class KLoraParams(BaseModel):
                 data[name] = _unquote(entries[key])
                 used_key[name] = key
         try:
-            return cls(**data)
+            return cls(**data, _references_follow=True)
         except ParamsError as exc:
             raise exc.relabel(label=lambda f: f"infotext '{used_key.get(f, f)}'") from None
 
@@ -590,7 +842,25 @@ INFOTEXT_KEYS: dict[str, str] = {
     "hires_alpha": "K-LoRA hires alpha",
     "hires_beta": "K-LoRA hires beta",
     "show_map": "K-LoRA map",
+    "kl_temperature": "K-LoRA KL temperature",
+    "kl_direction": "K-LoRA KL direction",
+    "kl_per_sample": "K-LoRA KL per image",
+    "kl_hybrid": "K-LoRA KL hybrid",
+    "guidance": "K-LoRA guidance",
+    "guidance_style": "K-LoRA guidance style",
+    "guidance_subject": "K-LoRA guidance subject",
+    "guidance_subject_clip": "K-LoRA guidance subject CLIP",
+    "guidance_text": "K-LoRA guidance text",
+    "guidance_eta": "K-LoRA guidance eta",
+    "guidance_start": "K-LoRA guidance start",
+    "guidance_end": "K-LoRA guidance end",
+    "guidance_every": "K-LoRA guidance every",
+    "guidance_iters": "K-LoRA guidance iters",
+    "guidance_decoder": "K-LoRA guidance decoder",
+    "clip_model": "K-LoRA CLIP",
+    "dino_model": "K-LoRA DINO",
 }
+# The reference images are not written into images' metadata (size, and they may be private photos).
 _INFOTEXT_SCALARS = tuple(name for name in INFOTEXT_KEYS if name != "strengths")
 
 
@@ -614,6 +884,13 @@ XYZ_AXES: tuple[XyzAxis, ...] = (
     XyzAxis("[K-LoRA] Beta", "beta", "float", None),
     XyzAxis("[K-LoRA] Subject strength", "subject_strength", "float", None),
     XyzAxis("[K-LoRA] Style strength", "style_strength", "float", None),
+    XyzAxis("[K-LoRA] KL temperature", "kl_temperature", "float", None),
+    XyzAxis("[K-LoRA] KL direction", "kl_direction", "str", CHOICES["kl_direction"]),
+    XyzAxis("[K-LoRA] Guidance", "guidance", "bool", ("on", "off")),
+    XyzAxis("[K-LoRA] Guidance eta", "guidance_eta", "float", None),
+    XyzAxis("[K-LoRA] Guidance style weight", "guidance_style", "float", None),
+    XyzAxis("[K-LoRA] Guidance subject weight", "guidance_subject", "float", None),
+    XyzAxis("[K-LoRA] Guidance end", "guidance_end", "float", None),
 )
 
 

@@ -10,6 +10,11 @@ Named keys are the parameter field names (``method``, ``pattern``, ``alpha``, ``
 * ``te``: ``te_policy`` (both / subject / style / none)
 * ``map``: ``show_map``
 * ``hr_method``, ``hr_pattern``, ``hr_alpha``, ``hr_beta``: ``hires_method`` ... (with ``hires=separate``)
+* ``eta``: ``guidance_eta``; ``clip``, ``dino``: ``clip_model``, ``dino_model`` (write ``ViT-L-14/openai``:
+  a ":" would end the item)
+
+Reference images (``style_refs``, ``subject_refs``) cannot be written in a tag; they come from the
+accordion or the API dict, so ``guidance=on`` in a tag uses the images given there.
 
 Anything the tag leaves out keeps the base value. An empty positional strength (``<klora:a:b::0.5>``)
 also keeps the base value, so the style strength can be given alone.
@@ -24,7 +29,7 @@ import difflib
 import re
 from collections.abc import Mapping
 
-from .params import POSITIONAL_FIELDS, KLoraParams, ParamsError
+from .params import POSITIONAL_FIELDS, REFERENCE_FIELDS, KLoraParams, ParamsError
 
 __all__ = [
     "TAG_ALIASES",
@@ -49,10 +54,17 @@ TAG_ALIASES: dict[str, str] = {
     "hr_pattern": "hires_pattern",
     "hr_alpha": "hires_alpha",
     "hr_beta": "hires_beta",
+    "eta": "guidance_eta",
+    "clip": "clip_model",
+    "dino": "dino_model",
 }
 # subject and style are positional only; `enabled` is implied by writing the tag at all.
 TAG_KEYS: dict[str, str] = {
-    **{name: name for name in POSITIONAL_FIELDS if name not in ("enabled", "subject", "style")},
+    **{
+        name: name
+        for name in POSITIONAL_FIELDS
+        if name not in ("enabled", "subject", "style", *REFERENCE_FIELDS)  # images come from the UI/API
+    },
     **TAG_ALIASES,
 }
 _POSITIONAL_ROLES = (

@@ -135,6 +135,29 @@ def test_invalid_alpha_is_422_and_app_not_called(client: Any, received: list[byt
     assert received == []
 
 
+def _png_base64() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_reference_images_are_checked_before_the_job(client: Any, received: list[bytes]) -> None:
+    good = {**VALID_ARGS, "method": "dynamic", "guidance": True, "style_refs": [_png_base64()]}
+    assert post_json(client, TXT2IMG, request_body([good])).status_code == 200
+    message = detail(post_json(client, TXT2IMG, request_body([{**good, "style_refs": ["%%% not base64"]}])))
+    assert "style_refs" in message and "image 1: not valid base64" in message
+    not_image = {**good, "subject_refs": [_png_base64(), "aGVsbG8gd29ybGQ="]}  # "hello world"
+    assert "image 2: not a readable image" in detail(post_json(client, TXT2IMG, request_body([not_image])))
+    no_refs = {**good, "style_refs": []}
+    assert "no reference images" in detail(post_json(client, TXT2IMG, request_body([no_refs])))
+    assert len(received) == 1
+
+
 def test_unknown_key_is_422(client: Any, received: list[bytes]) -> None:
     message = detail(post_json(client, TXT2IMG, request_body([{**VALID_ARGS, "alfa": 1.0}])))
     assert "alfa" in message
@@ -566,3 +589,10 @@ def test_hires_tag_with_another_pair_is_rejected() -> None:
         api.validate_generation_request(body, resolve_lora=lambda name: True)
     same = {"prompt": "a <klora:subj:sty>", "hr_prompt": "b <klora:subj:sty:pattern=s*>"}
     assert api.validate_generation_request(same, resolve_lora=lambda name: True)
+
+
+def test_plan_route_refuses_the_dynamic_method(plan_client: Any) -> None:
+    body = {"subject": "subj", "style": "sty", "steps": 12, "params": {"method": "dynamic"}}
+    response = plan_client.post("/klora/v1/plan", json=body)
+    assert response.status_code == 422
+    assert "no precomputed plan" in response.json()["detail"]

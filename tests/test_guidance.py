@@ -27,15 +27,14 @@ from lib_klora.guidance import (
     GuidanceConfig,
     GuidanceEncoders,
     GuidanceError,
-    ReferenceImageError,
     ReferenceSet,
-    decode_reference_image,
     guide_x0,
     guided_steps,
     objective,
     should_guide,
     sigma_scale,
 )
+from lib_klora.references import ReferenceImageError, decode_reference_image
 from lib_klora.taesd import TaesdDecoder, TaesdError, decoder_from_state_dict, load_taesd_decoder
 
 LATENT = 16  # 16×16 latent → 128 px image, upsampled to 224 by the encoders' preprocessing

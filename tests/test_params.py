@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from lib_klora.params import (
     CHOICES,
@@ -18,6 +21,7 @@ from lib_klora.params import (
     KLoraParams,
     ParamsError,
     apply_xyz,
+    clip_model_parts,
 )
 
 EXPECTED_ORDER = (
@@ -39,7 +43,35 @@ EXPECTED_ORDER = (
     "hires_alpha",
     "hires_beta",
     "show_map",
+    "kl_temperature",
+    "kl_direction",
+    "kl_per_sample",
+    "kl_hybrid",
+    "guidance",
+    "guidance_style",
+    "guidance_subject",
+    "guidance_subject_clip",
+    "guidance_text",
+    "guidance_eta",
+    "guidance_start",
+    "guidance_end",
+    "guidance_every",
+    "guidance_iters",
+    "guidance_decoder",
+    "clip_model",
+    "dino_model",
+    "style_refs",
+    "subject_refs",
 )
+
+
+def png_base64(color: tuple[int, int, int] = (200, 30, 40), size: int = 8) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+REF = png_base64()
 
 FULL = {
     "enabled": True,
@@ -55,11 +87,30 @@ FULL = {
     "seed": 4242,
     "te_policy": "none",
     "hires": "separate",
-    "hires_method": "fixed",
+    "hires_method": "dynamic",
     "hires_pattern": "s",
     "hires_alpha": 0.3,
     "hires_beta": -0.7,
     "show_map": True,
+    "kl_temperature": 2.5,
+    "kl_direction": "symmetric",
+    "kl_per_sample": True,
+    "kl_hybrid": True,
+    "guidance": True,
+    "guidance_style": 0.5,
+    "guidance_subject": 2.0,
+    "guidance_subject_clip": 0.25,
+    "guidance_text": 0.1,
+    "guidance_eta": 0.2,
+    "guidance_start": 0.1,
+    "guidance_end": 0.8,
+    "guidance_every": 2,
+    "guidance_iters": 3,
+    "guidance_decoder": "vae",
+    "clip_model": "ViT-L-14:openai",
+    "dino_model": "vit_base_patch16_224.dino",
+    "style_refs": (REF,),
+    "subject_refs": (REF, png_base64((1, 2, 3))),
 }
 
 
@@ -93,6 +144,25 @@ def test_defaults() -> None:
         "hires_alpha": None,
         "hires_beta": None,
         "show_map": False,
+        "kl_temperature": 1.0,
+        "kl_direction": "forward",
+        "kl_per_sample": False,
+        "kl_hybrid": False,
+        "guidance": False,
+        "guidance_style": 1.0,
+        "guidance_subject": 1.0,
+        "guidance_subject_clip": 0.0,
+        "guidance_text": 0.0,
+        "guidance_eta": 0.05,
+        "guidance_start": 0.0,
+        "guidance_end": 0.9,
+        "guidance_every": 1,
+        "guidance_iters": 1,
+        "guidance_decoder": "taesd",
+        "clip_model": "ViT-B-32:laion2b_s34b_b79k",
+        "dino_model": "vit_small_patch16_224.dino",
+        "style_refs": (),
+        "subject_refs": (),
     }
     assert KLoraParams.from_any([]) == p
     assert KLoraParams.from_any(()) == p
@@ -119,7 +189,7 @@ def test_fewer_positional_args_keep_defaults() -> None:
 
 
 def test_too_many_positional_args() -> None:
-    with pytest.raises(ParamsError, match="at most 18 positional"):
+    with pytest.raises(ParamsError, match="at most 37 positional"):
         KLoraParams.from_any([*KLoraParams().to_positional(), "extra"])
 
 
@@ -227,6 +297,33 @@ INVALID_CASES = [
     ("hires_alpha", 0, "> 0"),
     ("hires_beta", "11", "<= 10"),
     ("show_map", "perhaps", "true or false"),
+    ("kl_temperature", 0, "> 0"),
+    ("kl_temperature", 101, "<= 100"),
+    ("kl_direction", "backward", "must be one of"),
+    ("kl_per_sample", "sometimes", "true or false"),
+    ("kl_hybrid", 3, "true or false"),
+    ("guidance", "maybe", "true or false"),
+    ("guidance_style", -0.1, ">= 0"),
+    ("guidance_subject", 11, "<= 10"),
+    ("guidance_subject_clip", "x", "must be a number"),
+    ("guidance_text", float("nan"), "finite"),
+    ("guidance_eta", 0, "> 0"),
+    ("guidance_eta", 1.5, "<= 1"),
+    ("guidance_start", -0.1, ">= 0"),
+    ("guidance_end", 1.1, "<= 1"),
+    ("guidance_every", 0, "from 1 to 1000"),
+    ("guidance_every", 2.5, "whole number"),
+    ("guidance_iters", 11, "from 1 to 10"),
+    ("guidance_decoder", "full", "must be one of"),
+    ("clip_model", "", "model name"),
+    ("clip_model", "../../etc/passwd", "not a model name"),
+    ("dino_model", "vit small", "not a model name"),
+    ("dino_model", "timm/vit:dino", "not a model name"),
+    ("style_refs", ["not base64 !!"], "image 1: not valid base64"),
+    ("style_refs", [base64.b64encode(b"plain text, not an image").decode()], "image 1: not a readable image"),
+    ("subject_refs", [REF, 42], "image 2: must be a base64 string"),
+    ("subject_refs", {"a": REF}, "list of images"),
+    ("subject_refs", [REF] * 17, "at most 16"),
 ]
 
 
@@ -262,8 +359,8 @@ def test_all_errors_are_reported_together() -> None:
 def test_unknown_key_is_named() -> None:
     with pytest.raises(ParamsError, match=r"'alhpa': unknown parameter \(did you mean 'alpha'\?\)"):
         KLoraParams(alhpa=2)
-    with pytest.raises(ParamsError, match="'guidance'"):
-        KLoraParams.from_any([{"enabled": False, "guidance": {"clip": 1.0}}])
+    with pytest.raises(ParamsError, match="'guidanse': unknown parameter"):
+        KLoraParams.from_any([{"enabled": False, "guidanse": True}])
 
 
 def test_enabled_requires_both_names() -> None:
@@ -325,7 +422,8 @@ def test_literal_mirrors_match_the_engine_enums() -> None:
 
     assert CHOICES["pattern"] == tuple(p.value for p in Pattern)
     plan = pytest.importorskip("lib_klora.plan", reason="needs torch")
-    assert CHOICES["method"] == tuple(m.value for m in plan.Method)
+    # "dynamic" has no precomputed plan: the engine's Method covers the static methods only.
+    assert CHOICES["method"] == (*(m.value for m in plan.Method), "dynamic")
     assert CHOICES["gamma"] == tuple(g.value for g in plan.GammaVariant)
 
 
@@ -429,14 +527,34 @@ def test_infotext_full_round_trip() -> None:
         "K-LoRA seed": "4242",
         "K-LoRA TE": "none",
         "K-LoRA hires": "separate",
-        "K-LoRA hires method": "fixed",
+        "K-LoRA hires method": "dynamic",
         "K-LoRA hires pattern": "s",
         "K-LoRA hires alpha": "0.3",
         "K-LoRA hires beta": "-0.7",
         "K-LoRA map": "on",
+        "K-LoRA KL temperature": "2.5",
+        "K-LoRA KL direction": "symmetric",
+        "K-LoRA KL per image": "on",
+        "K-LoRA KL hybrid": "on",
+        "K-LoRA guidance": "on",
+        "K-LoRA guidance style": "0.5",
+        "K-LoRA guidance subject": "2",
+        "K-LoRA guidance subject CLIP": "0.25",
+        "K-LoRA guidance text": "0.1",
+        "K-LoRA guidance eta": "0.2",
+        "K-LoRA guidance start": "0.1",
+        "K-LoRA guidance end": "0.8",
+        "K-LoRA guidance every": "2",
+        "K-LoRA guidance iters": "3",
+        "K-LoRA guidance decoder": "vae",
+        "K-LoRA CLIP": "ViT-L-14:openai",
+        "K-LoRA DINO": "vit_base_patch16_224.dino",
     }
     assert set(text) == {"K-LoRA", *INFOTEXT_KEYS.values()}
-    assert KLoraParams.from_infotext(text) == p
+    # The reference images never go into an image's metadata; everything else round-trips.
+    assert not any(REF in value for value in text.values())
+    pasted = KLoraParams.from_infotext(text)
+    assert pasted == KLoraParams(**{**FULL, "style_refs": (), "subject_refs": ()}, _references_follow=True)
 
 
 @pytest.mark.parametrize(
@@ -522,6 +640,13 @@ def test_xyz_axes_declaration() -> None:
         "beta",
         "subject_strength",
         "style_strength",
+        "kl_temperature",
+        "kl_direction",
+        "guidance",
+        "guidance_eta",
+        "guidance_style",
+        "guidance_subject",
+        "guidance_end",
     ]
     for axis in XYZ_AXES:
         label, field, value_type, choices = axis  # plain tuples for the host glue
@@ -562,3 +687,79 @@ def test_apply_xyz_errors() -> None:
 def test_with_overrides_checks_cross_field_rules() -> None:
     with pytest.raises(ParamsError, match="different LoRA"):
         enabled().with_overrides({"style": "dog"})
+
+
+# ---------------------------------------------------------------- dynamic method and guidance
+
+
+def test_guidance_without_references_is_an_error_naming_the_fix() -> None:
+    with pytest.raises(ParamsError, match="'guidance': guidance is on but there are no reference images"):
+        enabled(guidance=True)
+    with pytest.raises(ParamsError, match="every term with reference images has weight 0"):
+        enabled(guidance=True, style_refs=[REF], guidance_style=0)
+    # A prompt term needs no image, and a disabled job ignores everything.
+    assert enabled(guidance=True, guidance_text=0.5).guidance_terms() == {"text_clip": 0.5}
+    assert not KLoraParams(guidance=True).uses_guidance
+
+
+def test_guidance_terms_follow_weights_and_references() -> None:
+    p = enabled(guidance=True, style_refs=[REF], subject_refs=[REF], guidance_subject_clip=0.5)
+    assert p.guidance_terms() == {"style_clip": 1.0, "subject_dino": 1.0, "subject_clip": 0.5}
+    assert p.uses_guidance
+    only_style = enabled(guidance=True, style_refs=[REF])
+    assert only_style.guidance_terms() == {"style_clip": 1.0}  # a missing reference disables its term
+    assert not enabled(style_refs=[REF]).uses_guidance  # references alone do not switch guidance on
+
+
+def test_guidance_window_must_be_ordered() -> None:
+    with pytest.raises(ParamsError, match="'guidance_end': must be greater than guidance_start"):
+        enabled(guidance=True, style_refs=[REF], guidance_start=0.5, guidance_end=0.5)
+    enabled(guidance_start=0.5, guidance_end=0.5)  # guidance off: not checked
+
+
+def test_references_accept_bytes_data_urls_and_a_single_string() -> None:
+    raw = base64.b64decode(REF)
+    p = enabled(style_refs=[raw], subject_refs=f"data:image/png;base64,{REF}")
+    assert p.style_refs == (REF,)  # raw uploads become base64 text: the params stay JSON-able
+    assert p.subject_refs == (f"data:image/png;base64,{REF}",)
+    json.dumps(p.to_dict())
+    assert enabled(style_refs=None).style_refs == () and enabled(style_refs="").style_refs == ()
+
+
+def test_unused_feature_settings_stay_out_of_the_infotext() -> None:
+    p = enabled(kl_temperature=3.0, guidance_eta=0.3, clip_model="ViT-L-14:openai")
+    assert p.to_infotext() == {"K-LoRA": "dog:ink"}
+    dyn = enabled(method="dynamic", kl_temperature=3.0)
+    assert dyn.to_infotext() == {
+        "K-LoRA": "dog:ink",
+        "K-LoRA method": "dynamic",
+        "K-LoRA KL temperature": "3",
+    }
+
+
+def test_pasted_guidance_waits_for_the_reference_images() -> None:
+    text = {"K-LoRA": "dog:ink", "K-LoRA guidance": "on", "K-LoRA guidance eta": "0.1"}
+    pasted = KLoraParams.from_infotext(text)
+    assert pasted is not None and pasted.guidance and pasted.guidance_eta == 0.1
+    assert not pasted.uses_guidance
+    with pytest.raises(ParamsError, match="no reference images"):
+        pasted.with_overrides({})  # a job from it still needs the images
+    assert pasted.with_overrides({"style_refs": [REF]}).uses_guidance
+
+
+def test_dynamic_has_no_precomputed_plan() -> None:
+    pytest.importorskip("torch")
+    with pytest.raises(ParamsError, match="'method': 'dynamic' decides from the activations"):
+        enabled(method="dynamic").to_plan_settings()
+    # hires "separate" with a static hires method still plans its own pass.
+    p = enabled(method="dynamic", hires="separate", hires_method="klora")
+    assert p.to_plan_settings(is_hires=True) is not None
+
+
+def test_model_names_accept_both_separators() -> None:
+    assert enabled(clip_model="ViT-L-14/openai").clip_model == "ViT-L-14/openai"
+    assert clip_model_parts(enabled(clip_model=" ViT-B-16:openai ").clip_model) == ("ViT-B-16", "openai")
+    assert clip_model_parts("ViT-L-14/openai") == ("ViT-L-14", "openai")
+    for bad in ("ViT-B-32", "hf-hub:laion/CLIP-ViT-B-32", "a:b:c"):  # weights are always named
+        with pytest.raises(ParamsError, match="not a model name"):
+            enabled(clip_model=bad)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import pytest
+from PIL import Image
 
 from lib_klora.params import KLoraParams, ParamsError
 from lib_klora.prompt_tag import (
@@ -15,6 +19,15 @@ from lib_klora.prompt_tag import (
     params_from_tag,
     strip_tags,
 )
+
+
+def _png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 99, 199)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+REF = _png()
 
 
 def host_split(args: str) -> tuple[list[str], dict[str, str]]:
@@ -127,6 +140,7 @@ def test_every_named_key() -> None:
         ":map=on>"
     )
     assert p.to_dict() == {
+        **KLoraParams().to_dict(),
         "enabled": True,
         "subject": "dog",
         "style": "ink",
@@ -229,3 +243,37 @@ def test_params_from_prompt_uses_base() -> None:
     base = KLoraParams(method="merge")
     p = params_from_prompt("<klora:dog:ink>", base)
     assert p is not None and p.method == "merge"
+
+
+def test_dynamic_and_guidance_keys() -> None:
+    p = tag(
+        "<klora:dog:ink:method=dynamic:kl_temperature=2:kl_direction=symmetric:kl_per_sample=on:kl_hybrid=1"
+        ":guidance=on:guidance_text=0.5:eta=0.1:guidance_start=0.2:guidance_end=0.7:guidance_every=2"
+        ":guidance_iters=2:guidance_decoder=vae:clip=ViT-L-14/openai:dino=vit_base_patch16_224.dino>"
+    )
+    assert (p.method, p.kl_temperature, p.kl_direction, p.kl_per_sample, p.kl_hybrid) == (
+        "dynamic",
+        2.0,
+        "symmetric",
+        True,
+        True,
+    )
+    assert (p.guidance, p.guidance_text, p.guidance_eta, p.guidance_start, p.guidance_end) == (
+        True,
+        0.5,
+        0.1,
+        0.2,
+        0.7,
+    )
+    assert (p.guidance_every, p.guidance_iters, p.guidance_decoder) == (2, 2, "vae")
+    assert (p.clip_model, p.dino_model) == ("ViT-L-14/openai", "vit_base_patch16_224.dino")
+
+
+def test_reference_images_cannot_be_written_in_a_tag_but_come_from_the_base() -> None:
+    with pytest.raises(ParamsError, match="unknown key 'style_refs'"):
+        tag("<klora:dog:ink:style_refs=abc>")
+    base = KLoraParams(style_refs=[REF])
+    p = tag("<klora:dog:ink:guidance=on>", base)
+    assert p.style_refs == (REF,) and p.uses_guidance
+    with pytest.raises(ParamsError, match="no reference images"):
+        tag("<klora:dog:ink:guidance=on>")
