@@ -5,7 +5,8 @@ flows from the embedding back to the image and, through the decoder, to the late
 
 Weights, in order of preference:
 1. ``<weights_dir>/open_clip_<model>_<tag>.safetensors`` or ``<weights_dir>/timm_<model>.safetensors``;
-2. the library's own download (open_clip / timm via the Hugging Face hub, which also finds its local cache);
+2. with a ``weights_dir``: a download of that file from the Hugging Face hub into it (downloads.py); without
+   one, the library's own download (open_clip / timm via the hub, which also finds its local cache);
 3. otherwise :class:`ModelUnavailableError`, naming the Hugging Face repo, the file and where to put it.
 
 Models are built under ``torch.inference_mode(False)`` so their parameters are ordinary tensors: Forge samples
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import KLoraError
+from .downloads import Progress, download_file
+from .errors import KLoraError, ModelUnavailableError
 
 DEFAULT_CLIP = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
@@ -49,10 +51,6 @@ _OPEN_CLIP_HF_FILE = "open_clip_model.safetensors"
 _TIMM_HF_FILE = "model.safetensors"
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ModelUnavailableError(KLoraError):
-    """Weights for a guidance/evaluation model are neither on disk nor downloadable."""
 
 
 def _weights_hint(weights_dir: str | Path | None) -> str:
@@ -283,7 +281,9 @@ class ClipImageEncoder(ImageEncoder):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         download: bool = True,
+        progress: Progress | None = None,
     ) -> None:
+        self.progress = progress
         open_clip = _import_open_clip()
         self.pretrained = pretrained
         self.weights_file = self.local_filename(model_name, pretrained) if pretrained else None
@@ -338,6 +338,10 @@ class ClipImageEncoder(ImageEncoder):
                 '(list them with: python -c "import open_clip; print(open_clip.list_pretrained())")'
             )
         reason = "downloads are disabled"
+        repo = _clip_hf_repo(open_clip, model_name, tag)
+        if download and local is not None and repo:  # into the weights folder, then load from there
+            download_file(repo, _OPEN_CLIP_HF_FILE, local, progress=self.progress)
+            return self._build(open_clip, model_name, tag, weights_dir, download=False)
         if download:
             try:
                 with _library_download():
@@ -346,7 +350,6 @@ class ClipImageEncoder(ImageEncoder):
                 raise
             except Exception as exc:  # network errors come in many types across hub/requests/urllib versions
                 reason = f"download failed: {type(exc).__name__}: {exc}"
-        repo = _clip_hf_repo(open_clip, model_name, tag)
         where = (
             f"Download '{_OPEN_CLIP_HF_FILE}' from the Hugging Face repo '{repo}' (https://huggingface.co/{repo})"
             if repo
@@ -392,7 +395,9 @@ class DinoEncoder(ImageEncoder):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         download: bool = True,
+        progress: Progress | None = None,
     ) -> None:
+        self.progress = progress
         timm = _import_timm()
         self.pretrained = pretrained
         self.weights_file = self.local_filename(model_name)
@@ -441,6 +446,9 @@ class DinoEncoder(ImageEncoder):
                 )
             return model
         reason = "downloads are disabled"
+        if download and local is not None:  # into the weights folder, then load from there
+            download_file(f"timm/{model_name}", _TIMM_HF_FILE, local, progress=self.progress)
+            return self._build(timm, model_name, pretrained, weights_dir, download=False)
         if download:
             try:
                 with _library_download():

@@ -22,3 +22,7 @@ class LoraFileError(KLoraError):
 
 class IncompatibleLorasError(KLoraError):
     """The two LoRAs cannot be fused (different base models, nothing in common)."""
+
+
+class ModelUnavailableError(KLoraError):
+    """Weights for a guidance/evaluation model are neither on disk nor downloadable."""
