@@ -298,6 +298,57 @@ def _shapes(up: Tensor, down: Tensor) -> str:
     return f"up {tuple(up.shape)}, down {tuple(down.shape)}"
 
 
+class DenseBranch:
+    """A delta given as a dense ΔW (LoHa, LoKr, DoRA, CP cores the host folds): F.linear / F.conv2d with it.
+
+    Same interface as :class:`LowRankBranch`; costs a full matmul per forward, so it is the fallback for
+    layers whose LoRA has no plain low-rank form.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, conv: ConvSpec | None = None) -> None:
+        if conv is None and weight.ndim != 2:
+            weight = weight.reshape(weight.shape[0], -1)
+        if conv is not None and weight.ndim != 4:
+            kh, kw = conv.kernel_size
+            weight = weight.reshape(weight.shape[0], -1, kh, kw)
+        self.conv = conv
+        self.scale = 1.0
+        self._weights: dict[torch.device, tuple[Tensor, Tensor | None]] = {weight.device: (weight, bias)}
+
+    @property
+    def is_conv(self) -> bool:
+        return self.conv is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self._weights.values()))[0].dtype
+
+    def weights_on(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        cached = self._weights.get(device)
+        if cached is None:
+            weight, bias = next(iter(self._weights.values()))
+            cached = self._weights[device] = (weight.to(device), None if bias is None else bias.to(device))
+        return cached
+
+    def delta(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        weight, bias = self.weights_on(x.device)
+        out_dtype = out_dtype or x.dtype
+        h = x.to(weight.dtype)
+        if self.conv is None:
+            return F.linear(h, weight, None if bias is None else bias.to(weight.dtype)).to(out_dtype)
+        c = self.conv
+        padding: tuple[int, int] | str = c.padding
+        if c.padding_mode != "zeros":
+            h = F.pad(h, c.explicit_padding(), mode=c.padding_mode)
+            padding = (0, 0)
+        b = None if bias is None else bias.to(weight.dtype)
+        out = F.conv2d(h, weight, b, stride=c.stride, padding=padding, dilation=c.dilation, groups=c.groups)
+        return out.to(out_dtype)
+
+
+Branch = LowRankBranch | DenseBranch
+
+
 # ---------------------------------------------------------------- selector
 
 
@@ -551,7 +602,7 @@ def _hook_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
 
 def install_hooks(
     modules: Mapping[str, nn.Module],
-    branches: Mapping[str, tuple[LowRankBranch | None, LowRankBranch | None]],
+    branches: Mapping[str, tuple[Branch | None, Branch | None]],
     selector: DynamicSelector,
     layer_index: Mapping[str, int],
     is_live: Callable[[], bool],
@@ -562,7 +613,7 @@ def install_hooks(
     is not hooked. Modules with both need a `layer_index` (their row in the selector's table). While
     `is_live()` is false the hooks return None and the output is left alone.
     """
-    checked: list[tuple[str, nn.Module, LowRankBranch | None, LowRankBranch | None, int | None]] = []
+    checked: list[tuple[str, nn.Module, Branch | None, Branch | None, int | None]] = []
     for name, (subject, style) in branches.items():
         if subject is None and style is None:
             continue
@@ -589,8 +640,8 @@ def install_hooks(
 def _make_hook(
     hooks: HookSet,
     name: str,
-    subject: LowRankBranch | None,
-    style: LowRankBranch | None,
+    subject: Branch | None,
+    style: Branch | None,
     index: int | None,
     selector: DynamicSelector,
     is_live: Callable[[], bool],

@@ -27,6 +27,8 @@ class LayerSelection:
     lora_count: int = 2
     current: list[int] = field(default_factory=list)
     live: bool = True
+    # Method "dynamic": forward hooks apply the denoiser layers' deltas, so no LoRA is merged there.
+    denoiser_by_hooks: bool = False
 
     def __post_init__(self) -> None:
         if self.te_policy not in TE_POLICIES:
@@ -38,6 +40,8 @@ class LayerSelection:
     def enabled(self, which: int, layer: str) -> bool:
         """Does LoRA `which` apply to `layer` right now? (Only asked for layers that LoRA adapts.)"""
         if not self.live:
+            return False
+        if self.denoiser_by_hooks and not self.is_text_encoder(layer):
             return False
         i = self.index.get(layer)
         if i is not None:

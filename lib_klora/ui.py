@@ -7,6 +7,10 @@ because the WebUI's API calls a script's ``ui()`` again inside a throw-away ``gr
 Event handlers are plain module-level functions returning ``gr.update`` dicts, so tests run them
 without a browser. Hover help and the "K-LoRA subject/style" buttons on LoRA cards live in
 ``javascript/klora.js``; the help texts reach it through a hidden HTML block (one source: FIELD_HELP).
+
+Reference images come from two ``gr.File(type="binary")`` boxes: gradio 3.41 and 4.40 both hand the
+script a list of raw ``bytes`` (or None), which KLoraParams turns into base64 text. No infotext holds
+them, so they stay out of the paste wiring and a paste leaves them alone.
 """
 
 from __future__ import annotations
@@ -26,11 +30,18 @@ from .params import (
     ALPHA_LIMIT,
     BETA_LIMIT,
     CHOICES,
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_DINO_MODEL,
+    ETA_LIMIT,
     FIELD_HELP,
     FIELD_LABELS,
     INFOTEXT_KEYS,
     INFOTEXT_NAMES_KEY,
+    MAX_GUIDANCE_EVERY,
+    MAX_GUIDANCE_ITERS,
     POSITIONAL_FIELDS,
+    REFERENCE_FIELDS,
+    TEMPERATURE_LIMIT,
     KLoraParams,
     ParamsError,
 )
@@ -38,6 +49,9 @@ from .schedule import DEFAULT_BETA, default_beta
 
 __all__ = [
     "GRADIO_MAJOR",
+    "GUIDANCE_GROUP_LABEL",
+    "GUIDANCE_WEIGHT_SLIDER",
+    "GUIDANCE_WINDOW_SLIDER",
     "NUMBER_STEP",
     "SAME",
     "STRENGTH_SLIDER",
@@ -47,10 +61,13 @@ __all__ = [
     "beta_after_pattern_change",
     "build_ui",
     "choices_for",
+    "dynamic_group_visibility",
     "elem_id",
+    "guidance_group_update",
     "hires_beta_after_pattern_change",
     "hires_group_visibility",
     "infotext_key",
+    "method_visibility",
     "paste_value",
     "refresh_lora_choices",
     "seed_visibility",
@@ -68,13 +85,26 @@ _SAME_LABEL = "Same as first pass"
 
 # The model accepts strengths of -5..5 (API, tags); the sliders cover everyday use.
 STRENGTH_SLIDER = (0.0, 2.0, 0.05)
+# Same for the guidance weights (the model accepts 0..10), and the guidance window (a fraction of steps).
+GUIDANCE_WEIGHT_SLIDER = (0.0, 2.0, 0.05)
+GUIDANCE_WINDOW_SLIDER = (0.0, 1.0, 0.01)
+_GUIDANCE_WEIGHTS = ("guidance_style", "guidance_subject", "guidance_subject_clip", "guidance_text")
 NUMBER_STEP = 0.05  # arrow increment of the float boxes
-_NUMBER_LIMITS = {
-    "alpha": (0.0, ALPHA_LIMIT),
-    "beta": (-BETA_LIMIT, BETA_LIMIT),
-    "hires_alpha": (0.0, ALPHA_LIMIT),
-    "hires_beta": (-BETA_LIMIT, BETA_LIMIT),
+# (low, high, arrow step); a low bound the model excludes (alpha > 0) is left to the model's message.
+_NUMBER_LIMITS: dict[str, tuple[float, float, float]] = {
+    "alpha": (0.0, ALPHA_LIMIT, NUMBER_STEP),
+    "beta": (-BETA_LIMIT, BETA_LIMIT, NUMBER_STEP),
+    "hires_alpha": (0.0, ALPHA_LIMIT, NUMBER_STEP),
+    "hires_beta": (-BETA_LIMIT, BETA_LIMIT, NUMBER_STEP),
+    "kl_temperature": (0.0, TEMPERATURE_LIMIT, 0.1),
+    "guidance_eta": (0.0, ETA_LIMIT, 0.01),
 }
+_INT_LIMITS: dict[str, tuple[int, int]] = {
+    "guidance_every": (1, MAX_GUIDANCE_EVERY),
+    "guidance_iters": (1, MAX_GUIDANCE_ITERS),
+}
+GUIDANCE_GROUP_LABEL = "Reference guidance"
+_GUIDANCE_ON_LABEL = f"{GUIDANCE_GROUP_LABEL} (on)"  # the closed section still tells that guidance runs
 
 _VALUE_LABELS: dict[str, dict[str, str]] = {
     "method": {
@@ -82,6 +112,7 @@ _VALUE_LABELS: dict[str, dict[str, str]] = {
         "merge": "Direct merge (baseline)",
         "fixed": "Fixed selection (baseline)",
         "random": "Random selection (baseline)",
+        "dynamic": "Dynamic (KL on activations)",
     },
     "pattern": {"s": "S", "s*": "S*"},
     "gamma": {"official": "Official code (mean of layer ratios)", "paper": "Paper (ratio of sums)"},
@@ -92,6 +123,8 @@ _VALUE_LABELS: dict[str, dict[str, str]] = {
         "none": "None",
     },
     "hires": {"same": "Same as first pass", "off": "Off (no K-LoRA)", "separate": "Separate settings"},
+    "kl_direction": {"forward": "Forward KL(base‖LoRA)", "symmetric": "Symmetric (both directions)"},
+    "guidance_decoder": {"taesd": "TAESD (fast)", "vae": "Full VAE (slow, more memory)"},
 }
 _VALUE_LABELS["hires_method"] = _VALUE_LABELS["method"]
 _VALUE_LABELS["hires_pattern"] = _VALUE_LABELS["pattern"]
@@ -112,7 +145,10 @@ def elem_id(is_img2img: bool, name: str) -> str:
     return f"klora_{'img2img' if is_img2img else 'txt2img'}_{name}"
 
 
-def infotext_key(name: str) -> str:
+def infotext_key(name: str) -> str | None:
+    """Infotext name of a field's component; None for the reference images, which no infotext holds."""
+    if name in REFERENCE_FIELDS:
+        return None
     return INFOTEXT_KEYS.get(name) or _EXTRA_KEYS[name]
 
 
@@ -137,8 +173,11 @@ def ui_value(params: KLoraParams, name: str) -> Any:
     """The value a component shows for one field of `params`.
 
     An unset beta shows the pattern's default (the number the user would otherwise have to look up);
-    unset hires choices show SAME; names and numbers pass through.
+    unset hires choices show SAME; names and numbers pass through. The upload boxes of the reference
+    images always start empty (None): a gr.File value is a file path, not image data.
     """
+    if name in REFERENCE_FIELDS:
+        return None
     value = getattr(params, name)
     if name == "beta" and value is None:
         return params.effective_beta
@@ -226,12 +265,36 @@ def hires_beta_after_pattern_change(pattern: Any, beta: Any) -> dict:
     return beta_after_pattern_change(pattern, None)
 
 
-def seed_visibility(method: Any) -> dict:
-    return gr.update(visible=method == "random")
+def _method_used(wanted: str, method: Any, hires: Any, hires_method: Any) -> bool:
+    """Whether the first pass, or a hires pass with its own settings, runs method `wanted`."""
+    return method == wanted or (hires == "separate" and hires_method == wanted)
+
+
+def seed_visibility(method: Any, hires: Any = "same", hires_method: Any = None) -> dict:
+    """The seed matters only to the random baseline, in the first or the separate hires pass."""
+    return gr.update(visible=_method_used("random", method, hires, hires_method))
+
+
+def dynamic_group_visibility(method: Any, hires: Any = "same", hires_method: Any = None) -> dict:
+    """The KL settings matter only where method "dynamic" runs, in the first or the separate hires pass."""
+    return gr.update(visible=_method_used("dynamic", method, hires, hires_method))
+
+
+def method_visibility(method: Any, hires: Any, hires_method: Any) -> tuple[dict, dict]:
+    """Updates for the seed box and the "Dynamic fusion" group after a method or hires change."""
+    return seed_visibility(method, hires, hires_method), dynamic_group_visibility(method, hires, hires_method)
 
 
 def hires_group_visibility(hires: Any) -> dict:
     return gr.update(visible=hires == "separate")
+
+
+def guidance_group_update(guidance: Any) -> dict:
+    """Guidance switched on (by a click or a pasted infotext): open its section, which shows the upload
+    boxes the infotext could not fill, and say "on" in its title, which stays visible when closed."""
+    if guidance is True:
+        return gr.update(open=True, label=_GUIDANCE_ON_LABEL)
+    return gr.update(label=GUIDANCE_GROUP_LABEL)
 
 
 # ---------------------------------------------------------------- infotext paste
@@ -273,8 +336,11 @@ def paste_value(params: KLoraParams | None, name: str) -> Any:
     """What pasting an infotext puts in the component of `name`.
 
     `params` is ``KLoraParams.from_infotext(...)``: None means the image was made without K-LoRA, which
-    switches K-LoRA off and leaves every other control alone.
+    switches K-LoRA off and leaves every other control alone. The reference images are never in an
+    infotext, so their upload boxes are always left alone.
     """
+    if name in REFERENCE_FIELDS:
+        return _NO_CHANGE
     if params is None:
         return False if name == "enabled" else _NO_CHANGE
     return ui_value(params, name)
@@ -342,15 +408,73 @@ def _dropdown(name: str, value: Any, choices: list[Any], is_img2img: bool, **kwa
 
 
 def _number(name: str, value: Any, is_img2img: bool, **kwargs: Any) -> Any:
-    low, high = _NUMBER_LIMITS[name]
+    low, high, step = _NUMBER_LIMITS[name]
     return gr.Number(
         label=FIELD_LABELS[name],
         value=value,
         minimum=low,
         maximum=high,
-        step=NUMBER_STEP,  # the arrows' increment; any other value can still be typed
+        step=step,  # the arrows' increment; any other value can still be typed
         elem_id=elem_id(is_img2img, name),
         **kwargs,
+    )
+
+
+def _integer(name: str, value: Any, is_img2img: bool) -> Any:
+    low, high = _INT_LIMITS[name]
+    return gr.Number(
+        label=FIELD_LABELS[name],
+        value=value,
+        precision=0,
+        minimum=low,
+        maximum=high,
+        elem_id=elem_id(is_img2img, name),
+    )
+
+
+def _slider(name: str, value: Any, limits: tuple[float, float, float], is_img2img: bool) -> Any:
+    low, high, step = limits
+    return gr.Slider(
+        label=FIELD_LABELS[name],
+        minimum=low,
+        maximum=high,
+        step=step,
+        value=value,
+        elem_id=elem_id(is_img2img, name),
+    )
+
+
+def _radio(name: str, value: Any, is_img2img: bool) -> Any:
+    return gr.Radio(
+        label=FIELD_LABELS[name], choices=_labelled(name), value=value, elem_id=elem_id(is_img2img, name)
+    )
+
+
+def _checkbox(name: str, value: Any, is_img2img: bool) -> Any:
+    return gr.Checkbox(label=FIELD_LABELS[name], value=value, elem_id=elem_id(is_img2img, name))
+
+
+def _model_box(name: str, value: Any, placeholder: str, is_img2img: bool) -> Any:
+    return gr.Textbox(
+        label=FIELD_LABELS[name],
+        value=value,
+        lines=1,
+        max_lines=1,
+        placeholder=placeholder,
+        elem_id=elem_id(is_img2img, name),
+    )
+
+
+def _reference_box(name: str, is_img2img: bool) -> Any:
+    # type="binary": gradio 3.41 and 4.40 both pass a list of the files' bytes (None when empty).
+    return gr.File(
+        label=FIELD_LABELS[name],
+        value=None,
+        file_count="multiple",
+        file_types=["image"],
+        type="binary",
+        elem_id=elem_id(is_img2img, name),
+        elem_classes=["klora-refs"],
     )
 
 
@@ -424,6 +548,19 @@ def build_ui(
             comps["te_policy"] = _dropdown(
                 "te_policy", value("te_policy"), _labelled("te_policy"), is_img2img
             )
+        # Method "dynamic" only; shared by both passes, so it also shows for a separate dynamic hires pass.
+        with gr.Accordion(
+            "Dynamic fusion",
+            open=True,
+            visible=_method_used("dynamic", value("method"), value("hires"), value("hires_method")),
+            elem_id=eid("dynamic_group"),
+        ) as dynamic_group:
+            extras["dynamic_group"] = dynamic_group
+            with gr.Row():
+                comps["kl_temperature"] = _number("kl_temperature", value("kl_temperature"), is_img2img)
+                comps["kl_direction"] = _radio("kl_direction", value("kl_direction"), is_img2img)
+                comps["kl_per_sample"] = _checkbox("kl_per_sample", value("kl_per_sample"), is_img2img)
+                comps["kl_hybrid"] = _checkbox("kl_hybrid", value("kl_hybrid"), is_img2img)
         comps["hires"] = gr.Radio(
             label=FIELD_LABELS["hires"],
             choices=_labelled("hires"),
@@ -446,6 +583,35 @@ def build_ui(
                 )
                 comps["hires_alpha"] = _number("hires_alpha", value("hires_alpha"), is_img2img)
                 comps["hires_beta"] = _number("hires_beta", value("hires_beta"), is_img2img)
+        guided = value("guidance") is True
+        with gr.Accordion(
+            _GUIDANCE_ON_LABEL if guided else GUIDANCE_GROUP_LABEL,
+            open=guided,
+            elem_id=eid("guidance_group"),
+        ) as guidance_group:
+            extras["guidance_group"] = guidance_group
+            with gr.Row():
+                comps["guidance"] = _checkbox("guidance", value("guidance"), is_img2img)
+                comps["guidance_decoder"] = _radio("guidance_decoder", value("guidance_decoder"), is_img2img)
+            with gr.Row():
+                for name in REFERENCE_FIELDS:
+                    comps[name] = _reference_box(name, is_img2img)
+            with gr.Row():
+                for name in _GUIDANCE_WEIGHTS:
+                    comps[name] = _slider(name, value(name), GUIDANCE_WEIGHT_SLIDER, is_img2img)
+            with gr.Row():
+                comps["guidance_eta"] = _number("guidance_eta", value("guidance_eta"), is_img2img)
+                for name in ("guidance_start", "guidance_end"):
+                    comps[name] = _slider(name, value(name), GUIDANCE_WINDOW_SLIDER, is_img2img)
+                for name in ("guidance_every", "guidance_iters"):
+                    comps[name] = _integer(name, value(name), is_img2img)
+            with gr.Row():
+                comps["clip_model"] = _model_box(
+                    "clip_model", value("clip_model"), DEFAULT_CLIP_MODEL, is_img2img
+                )
+                comps["dino_model"] = _model_box(
+                    "dino_model", value("dino_model"), DEFAULT_DINO_MODEL, is_img2img
+                )
         # Invisible helpers for klora.js (gradio renders invisible blocks hidden, so JS can reach them).
         extras["help"] = gr.HTML(value=_help_html(), visible=False, elem_id=eid("help_data"))
         extras["card_pick"] = gr.Textbox(value="", visible=False, elem_id=eid("card_pick"))
@@ -463,8 +629,13 @@ def build_ui(
     reader = _InfotextReader()
     infotext_fields: list[tuple[Any, str | Callable[[Mapping[str, Any]], Any]]] = []
     for name in POSITIONAL_FIELDS:
+        key_text = infotext_key(name)
+        if key_text is None:
+            # The upload boxes stay out of the paste wiring: a paste then never touches them, and
+            # "Send to img2img" does not copy them (gr.File cannot take bytes back as its value).
+            continue
         raw_none = getattr(comps[name], "value", None) is None
-        key = PasteKey(infotext_key(name), name, reader, raw_none)
+        key = PasteKey(key_text, name, reader, raw_none)
         infotext_fields.append((comps[name], key))
     paste_field_names = [str(key) for _, key in infotext_fields]
     by_field = {name: comps[name] for name in POSITIONAL_FIELDS}
@@ -508,7 +679,14 @@ def _wire_events(comps: dict[str, Any], extras: dict[str, Any], lora_names: Call
         **quiet,
     )
     # Visibility follows every change, pasted ones included.
-    comps["method"].change(fn=seed_visibility, inputs=[comps["method"]], outputs=[comps["seed"]], **quiet)
+    methods = [comps["method"], comps["hires"], comps["hires_method"]]
+    for trigger in methods:
+        trigger.change(
+            fn=method_visibility, inputs=methods, outputs=[comps["seed"], extras["dynamic_group"]], **quiet
+        )
     comps["hires"].change(
         fn=hires_group_visibility, inputs=[comps["hires"]], outputs=[extras["hires_group"]], **quiet
+    )
+    comps["guidance"].change(
+        fn=guidance_group_update, inputs=[comps["guidance"]], outputs=[extras["guidance_group"]], **quiet
     )

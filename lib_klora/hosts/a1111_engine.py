@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from ..cache import ScoreCache
+from ..dynamic import LABELS as DYNAMIC_LABELS
+from ..dynamic import Branch, ConvSpec, DenseBranch, DynamicSelector, HookSet, LowRankBranch, install_hooks
 from ..errors import KLoraError
 from ..lora_file import PICKLE_SUFFIXES
 from ..params import KLoraParams
@@ -175,8 +177,21 @@ def _slot_class(network_module: Any) -> type:
 @dataclass
 class PassRecord:
     label: str
-    schedule: StepSchedule
+    schedule: StepSchedule | None  # None: method "dynamic", whose choices the selector recorded
     params: KLoraParams
+
+
+@dataclass
+class DynamicState:
+    """Method "dynamic" of one job: the selector, its forward hooks and whether a dynamic pass runs now."""
+
+    selector: DynamicSelector
+    hooks: HookSet
+    live: bool = False
+
+    def remove(self) -> None:
+        self.live = False
+        self.hooks.remove()
 
 
 @dataclass
@@ -198,6 +213,10 @@ class Job:
     slots: list[Any] = field(default_factory=list)
     failed: str | None = None
     schedule: StepSchedule | None = None
+    unet_touched: dict[str, torch.nn.Module] = field(default_factory=dict)  # UNet layers either LoRA adapts
+    dynamic: DynamicState | None = None
+    guidance: Any = None  # GuidanceRun of the host glue, when reference guidance is on
+    sigma: Any = None  # the current evaluation's sigma (guidance scales its nudge by it)
 
     def params_for(self, is_hires: bool) -> KLoraParams | None:
         return self.hires_params if is_hires else self.params
@@ -273,7 +292,7 @@ def build_job(
     managed = [layer.canonical for layer in table.layers]
     touched = sorted({owner[k] for net in loaded for k in net.modules})
     selection = LayerSelection(managed, te_policy=params.te_policy, is_text_encoder=is_text_encoder_layer)
-    return Job(
+    job = Job(
         params=first_params,
         hires_params=hires_params,
         nets=loaded,
@@ -283,7 +302,70 @@ def build_job(
         layer_modules=[mapping[name] for name in managed],
         touched_modules=[mapping[name] for name in touched if name in mapping],
         selection=selection,
+        unet_touched={n: mapping[n] for n in touched if n in mapping and n.startswith(UNET_PREFIX)},
     )
+    if any(p is not None and p.method == "dynamic" for p in (first_params, hires_params)):
+        job.dynamic = build_dynamic(job, params)
+    return job
+
+
+def branch_for(module: Any, layer: torch.nn.Module, strength: float) -> Branch:
+    """The activation-side delta of one A1111 NetworkModule on `layer`, at `strength`.
+
+    Plain LoRA (LoCon) stays low-rank; anything else (LoHa, LoKr, DoRA, CP cores) becomes a dense ΔW from the
+    module's own calc_updown, computed once here."""
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise KLoraJobError(
+            f"K-LoRA: method 'dynamic' supports Linear and Conv2d layers, not {type(layer).__name__} "
+            f"({getattr(layer, 'network_layer_name', '?')})"
+        )
+    conv = ConvSpec.of(layer) if isinstance(layer, torch.nn.Conv2d) else None
+    dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
+    source = HostDelta(module, layer)
+    with torch.no_grad():
+        if hasattr(source, "factors"):
+            up = module.up_model.weight.detach().to(dtype)
+            down = module.down_model.weight.detach().to(dtype)
+            return LowRankBranch(up, down, strength * float(module.calc_scale()), conv=conv)
+        saved = module.network.unet_multiplier
+        try:  # calc_updown applies the network's multiplier: compute at this job's strength
+            module.network.unet_multiplier = strength
+            weight = source.delta(layer.weight.device)
+        finally:
+            module.network.unet_multiplier = saved
+        return DenseBranch(weight.to(dtype).reshape(layer.weight.shape), conv=conv)
+
+
+def build_dynamic(job: Job, params: KLoraParams) -> DynamicState:
+    """Branches for every UNet layer either LoRA adapts, the selector, and (inactive) forward hooks."""
+    branches: dict[str, list[Branch | None]] = {}
+    strengths = (params.subject_strength, params.style_strength)
+    for which, net in enumerate(job.nets):
+        for key, module in net.modules.items():
+            layer = job.owner.get(key)
+            if layer in job.unet_touched and key == layer:
+                pair = branches.setdefault(layer, [None, None])
+                pair[which] = branch_for(module, job.unet_touched[layer], strengths[which])
+    selector = DynamicSelector(
+        len(job.table.layers),
+        temperature=params.kl_temperature,
+        direction=params.kl_direction,
+        per_sample=params.kl_per_sample,
+        hybrid=params.kl_hybrid,
+        pattern=params.pattern,
+        alpha=params.alpha,
+        beta=params.beta,
+    )
+    index = {layer.canonical: i for i, layer in enumerate(job.table.layers)}
+    state = DynamicState(selector, HookSet())
+    state.hooks = install_hooks(
+        job.unet_touched,
+        {name: (pair[0], pair[1]) for name, pair in branches.items()},
+        selector,
+        index,
+        is_live=lambda: state.live and not job.failed,
+    )
+    return state
 
 
 def signature(params: KLoraParams) -> str:
@@ -339,19 +421,56 @@ def mark_dirty(module: torch.nn.Module) -> None:
 def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> None:
     """Per sampler evaluation: find the real step of this pass, switch layers whose choice changes."""
     params = job.params_for(is_hires)
-    if params is None or job.failed:
+    if job.failed:
+        return
+    if params is None:
+        if job.dynamic is not None:
+            job.dynamic.live = False
         return
     new_pass = job.tracker.update(denoiser, int(denoiser.step), int(denoiser.total_steps), evals_per_step)
+    label = "hires pass" if is_hires else "first pass"
+    dynamic = params.method == "dynamic"
     if new_pass:
-        job.schedule = job.plan_for(params).schedule(job.tracker.steps)
-        label = "hires pass" if is_hires else "first pass"
+        job.selection.denoiser_by_hooks = dynamic
+        if dynamic:
+            assert job.dynamic is not None
+            job.dynamic.selector.begin_pass(label, job.tracker.steps)
+            job.schedule = None
+        else:
+            job.schedule = job.plan_for(params).schedule(job.tracker.steps)
+        if job.dynamic is not None:
+            job.dynamic.live = dynamic
         if not any(record.label == label for record in job.passes):
             job.passes.append(PassRecord(label, job.schedule, params))
+        # A new pass re-merges every UNet layer either LoRA adapts: a previous job or pass may have left
+        # another choice merged, and a pass of the other kind (hooks vs merges) leaves the opposite state.
+        for module in job.unet_touched.values():
+            mark_dirty(module)
+    if dynamic:
+        assert job.dynamic is not None
+        job.dynamic.selector.set_step(job.tracker.step)
+        return
     assert job.schedule is not None
     changed = job.selection.apply(job.schedule.at(job.tracker.step).tolist())
-    # A new pass re-merges every managed layer: a previous job or pass may have left another choice merged.
-    for i in range(len(job.layer_modules)) if new_pass else changed:
+    for i in changed:
         mark_dirty(job.layer_modules[i])
+
+
+def pass_choices(job: Job, record: PassRecord) -> tuple[list[list[int]], tuple[str, ...]]:
+    """The selection map's data of one pass: choices [layer][step] and their labels."""
+    if record.schedule is not None:
+        return record.schedule.choices.tolist(), tuple(record.schedule.labels)
+    assert job.dynamic is not None
+    return job.dynamic.selector.table(record.label).tolist(), DYNAMIC_LABELS
+
+
+def dynamic_title(params: KLoraParams) -> str:
+    options = [f"KL {params.kl_direction}", f"T={params.kl_temperature:g}"]
+    if params.kl_per_sample:
+        options.append("per image")
+    if params.kl_hybrid:
+        options.append(f"hybrid {params.pattern}")
+    return f"dynamic ({', '.join(options)})"
 
 
 def restore_layers(nets: Any, modules: Sequence[torch.nn.Module]) -> int:
@@ -374,6 +493,32 @@ def _restore(nets: Any, modules: Sequence[torch.nn.Module]) -> int:
 
 
 def teardown(nets: Any, job: Job) -> int:
+    """End of a job (normal, interrupted or failed): hooks off, slots out, every touched weight restored."""
     job.selection.live = False
+    if job.dynamic is not None:
+        job.dynamic.remove()
     remove_slots(nets)
     return restore_layers(nets, job.touched_modules)
+
+
+def guard_sample(
+    p: Any, job: Job, nets: Any, on_failure: Callable[[BaseException], None] | None = None
+) -> None:
+    """Make a failing `p.sample` end the job at once: hooks removed, slots out, weights restored.
+
+    The WebUI skips scripts' `postprocess` when sampling raises, and the next job's `before_process` would
+    only clean up later; wrapping the processing object's own `sample` covers every exit of sampling.
+    An interrupt is not a failure here: samplers return normally after one.
+    """
+    original = p.sample
+
+    def sample(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except BaseException as exc:
+            teardown(nets, job)
+            if on_failure is not None:
+                on_failure(exc)
+            raise
+
+    p.sample = sample

@@ -374,9 +374,13 @@ class FakeNetworks(types.ModuleType):
             y = net_module.forward(x, y)
         return y
 
-    def patched_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def patched_forward(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        original_forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """`network_Linear_forward` / `network_Conv2d_forward`: the class-level patches of lora_patches.py."""
-        original_forward = type(module).forward
         if self.lora_functional:
             return self.network_forward(module, x, original_forward)
         self.network_apply_weights(module)
@@ -415,10 +419,8 @@ class TinyModel(nn.Module):
 
     @staticmethod
     def _run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # The host patches Linear/Conv2d forwards at class level while the Lora extension is loaded.
-        nets = sys.modules.get("networks")
-        if isinstance(nets, FakeNetworks):
-            return nets.patched_forward(layer, x)
+        # A call through nn.Module.__call__, as in the host: the class-level forward patch of the Lora
+        # extension (see `installed`) runs, then any per-instance forward hooks.
         return layer(x)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -495,9 +497,22 @@ def installed(model: TinyModel, lora_dir: Path) -> Iterator[FakeNetworks]:
     nets = FakeNetworks(model, lora_dir)
     network_module = FakeNetworkModule()
     sys.modules["networks"], sys.modules["network"] = nets, network_module
+    # lora_patches.LoraPatches: the extension replaces Linear/Conv2d forwards at class level.
+    originals = {cls: cls.forward for cls in (nn.Linear, nn.Conv2d)}
+
+    def patch(original: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return nets.patched_forward(module, x, original)
+
+        return forward
+
+    for cls, original in originals.items():
+        cls.forward = patch(original)  # type: ignore[method-assign]
     try:
         yield nets
     finally:
+        for cls, original in originals.items():
+            cls.forward = original  # type: ignore[method-assign]
         # The engine caches its slot class on the `network` module; it must not outlive this host.
         if hasattr(network_module, "_klora_slot_class"):
             delattr(network_module, "_klora_slot_class")

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from lib_klora.cache import ScoreCache
+from lib_klora.dynamic import kl_divergences
 from lib_klora.hosts import a1111_engine as engine
 from lib_klora.hosts.a1111_engine import (
     DIRTY,
@@ -26,8 +27,10 @@ from lib_klora.hosts.a1111_engine import (
     KLoraJobError,
     NetworkCache,
     build_job,
+    guard_sample,
     inject_slots,
     on_step,
+    pass_choices,
     restore_layers,
     teardown,
 )
@@ -304,7 +307,7 @@ def test_second_job_remerges_every_managed_layer_at_step0(host: Host, teardown_b
     merged = {layer for layer, _ in records[0].merges}
     assert set(MANAGED) <= merged
     if not teardown_between:
-        assert merged == set(MANAGED)  # only the dirty marking at step 0 can cause these
+        assert merged == {*MANAGED, D, E}  # only the step-0 dirty marking (every touched UNet layer)
     for i, name in enumerate(MANAGED):
         choice = expected_choices(second, STEPS).at(0).tolist()[i]
         assert torch.equal(records[0].weights[name], expected_weight(host, name, slot_deltas(choice)))
@@ -560,7 +563,7 @@ def test_a_new_denoiser_object_starts_a_new_pass_even_mid_count(host: Host) -> N
     assert job.tracker.pass_index == 1 and job.tracker.step == 5
     assert len(job.passes) == 1  # one record per pass label
     host.forward()
-    assert {layer for layer, _ in host.nets.calc_updown_calls} == set(MANAGED)  # new pass: all re-merged
+    assert {layer for layer, _ in host.nets.calc_updown_calls} == {*MANAGED, D, E}  # new pass: all re-merged
 
 
 def test_hires_off_means_no_slots_in_the_hires_pass(host: Host) -> None:
@@ -743,3 +746,137 @@ def test_lora_extension_is_found_by_identity(host: Host) -> None:
         assert engine.lora_extension() is None
     finally:
         sys.modules["networks"] = saved
+
+
+# ---------------------------------------------------------------- method "dynamic" (forward hooks)
+
+
+def _layer_out(host: Host, name: str, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    bias = host.pristine[name][1]
+    if weight.ndim == 4:
+        return torch.nn.functional.conv2d(h, weight, bias, padding=1)
+    return torch.nn.functional.linear(h, weight, bias)
+
+
+def reference_dynamic_forward(
+    host: Host, te_loras: list[tuple[str, float]]
+) -> tuple[torch.Tensor, list[int]]:
+    """TinyModel.forward with pristine UNet weights, each managed layer's delta chosen by the KL rule
+    (larger divergence wins, computed here on every token), single-LoRA layers always applied."""
+    strengths = {"subject": SUBJECT_STRENGTH, "style": STYLE_STRENGTH}
+    choices: list[int] = []
+
+    def unet_layer(name: str, h: torch.Tensor) -> torch.Tensor:
+        base = _layer_out(host, name, h, host.pristine[name][0])
+        zero = torch.zeros_like(host.pristine[name][0])
+        deltas = [
+            _layer_out(host, name, h, dense_delta(host, lora, name, strengths[lora]))
+            - _layer_out(host, name, h, zero)
+            for lora, layers in (("subject", SUBJECT_LAYERS), ("style", STYLE_LAYERS))
+            if name in layers
+        ]
+        if len(deltas) == 1:
+            return base + deltas[0]
+        div_subject, div_style = kl_divergences(base, *deltas, channel_dim=1 if base.ndim == 4 else -1)
+        choice = 0 if div_subject >= div_style else 1
+        choices.append(choice)
+        return base + deltas[choice]
+
+    x, text = host.inputs
+    te_weight = expected_weight(host, TE_LAYER, te_loras)
+    h = torch.tanh(unet_layer(A, x) + torch.nn.functional.linear(text, te_weight, host.pristine[TE_LAYER][1]))
+    h = unet_layer(B, h).reshape(-1, 4, 4, 4)
+    h = torch.tanh(unet_layer(C, h)).flatten(1)
+    return unet_layer(E, unet_layer(D, h)), choices
+
+
+def hooked(host: Host) -> list[str]:
+    return [name for name in ALL_LAYERS if host.model.layer(name)._forward_hooks]
+
+
+def test_dynamic_applies_the_more_divergent_delta_through_hooks(host: Host) -> None:
+    job = host.job(host.params(method="dynamic"))
+    assert hooked(host) == [A, B, C, D, E]  # every UNet layer either LoRA adapts; never the text encoder
+    inject_slots(host.nets, job, is_hires=False)
+    records = host.sample(job, 4)
+    expected, choices = reference_dynamic_forward(
+        host, [("subject", SUBJECT_STRENGTH), ("style", STYLE_STRENGTH)]
+    )
+    for record in records:
+        torch.testing.assert_close(record.output, expected, rtol=1e-5, atol=1e-5)
+        # No UNet weight is merged: the slots serve only the text encoder (te_policy "both").
+        assert {layer for layer, _ in record.merges} <= {TE_LAYER}
+        for name in (A, B, C, D, E):
+            assert torch.equal(record.weights[name], host.pristine[name][0])
+    table, labels = pass_choices(job, job.passes[0])
+    assert labels == ("subject", "style")
+    assert [row[0] for row in table] == choices  # one decision per (pass, step, layer), recorded
+    assert all(len(set(row)) == 1 for row in table)  # same input every step: same decision
+
+
+def test_dynamic_te_policy_still_goes_through_the_slots(host: Host) -> None:
+    job = host.job(host.params(method="dynamic", te_policy="style"))
+    inject_slots(host.nets, job, is_hires=False)
+    record = host.sample(job, 1)[0]
+    expected, _ = reference_dynamic_forward(host, [("style", STYLE_STRENGTH)])
+    torch.testing.assert_close(record.output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_hooks_are_gone_after_teardown(host: Host) -> None:
+    job = host.job(host.params(method="dynamic"))
+    inject_slots(host.nets, job, is_hires=False)
+    host.sample(job, 2)
+    teardown(host.nets, job)
+    assert hooked(host) == []
+    torch.testing.assert_close(host.forward(), host.base_output)
+
+
+def test_a_failing_job_removes_hooks_and_restores_weights_at_once(host: Host) -> None:
+    job = host.job(host.params(method="dynamic", hires="separate", hires_method="klora"))
+    inject_slots(host.nets, job, is_hires=False)
+    failures: list[BaseException] = []
+
+    def sample(*_args: Any) -> None:
+        host.sample(job, 2)
+        inject_slots(host.nets, job, is_hires=True)  # a hires pass merges K-LoRA choices ...
+        host.sample(job, 1, is_hires=True, denoiser=FakeDenoiser(total_steps=3))
+        raise RuntimeError("out of memory")  # ... then sampling dies
+
+    p = type("P", (), {"sample": staticmethod(sample)})()
+    guard_sample(p, job, host.nets, failures.append)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        p.sample()
+    assert [str(f) for f in failures] == ["out of memory"]
+    assert hooked(host) == [] and engine.remove_slots is not None
+    assert not any(isinstance(n, type(job.slots[0])) for n in host.nets.loaded_networks)
+    for name in ALL_LAYERS:
+        assert torch.equal(host.weight(name), host.pristine[name][0])
+    torch.testing.assert_close(host.forward(), host.base_output)
+
+
+def test_klora_first_pass_then_dynamic_hires_unmerges_and_hooks(host: Host) -> None:
+    base = host.params(hires="separate", hires_method="dynamic")
+    job = host.job(base.for_pass(False), base.for_pass(True))
+    inject_slots(host.nets, job, is_hires=False)
+    first = host.sample(job, 3)
+    assert any(layer in MANAGED for layer, _ in first[0].merges)  # K-LoRA merges in the first pass
+    assert job.dynamic is not None and not job.dynamic.live
+    inject_slots(host.nets, job, is_hires=True)
+    hires = host.sample(job, 2, is_hires=True, denoiser=FakeDenoiser(total_steps=2))
+    expected, _ = reference_dynamic_forward(host, [("subject", SUBJECT_STRENGTH), ("style", STYLE_STRENGTH)])
+    torch.testing.assert_close(hires[-1].output, expected, rtol=1e-5, atol=1e-5)
+    assert [r.label for r in job.passes] == ["first pass", "hires pass"]
+    assert job.passes[0].schedule is not None and job.passes[1].schedule is None
+
+
+def test_a_dynamic_first_pass_then_klora_hires_remerges_single_lora_layers(host: Host) -> None:
+    base = host.params(method="dynamic", hires="separate", hires_method="klora")
+    job = host.job(base.for_pass(False), base.for_pass(True))
+    inject_slots(host.nets, job, is_hires=False)
+    host.sample(job, 2)
+    inject_slots(host.nets, job, is_hires=True)
+    record = host.sample(job, 1, is_hires=True, denoiser=FakeDenoiser(total_steps=4))[0]
+    assert torch.equal(record.weights[D], expected_weight(host, D, [("subject", SUBJECT_STRENGTH)]))
+    assert torch.equal(record.weights[E], expected_weight(host, E, [("style", STYLE_STRENGTH)]))
+    teardown(host.nets, job)
+    assert hooked(host) == []
