@@ -5,18 +5,22 @@ This is the only file of the project that imports the WebUI's `modules` for A111
 
 from __future__ import annotations
 
+import re
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from modules import devices, extra_networks, script_callbacks, scripts, shared
+import torch
+from modules import devices, extra_networks, paths, script_callbacks, scripts, shared
 
 from .. import __version__
 from ..cache import ScoreCache
 from ..cli import map_title
 from ..engine import plan_from_files
 from ..errors import KLoraError
+from ..guidance_run import GuidanceModels, GuidanceRun
 from ..params import KLoraParams, ParamsError
 from ..plan import PlanSettings
 from ..prompt_tag import find_extra_networks, find_tags, params_from_tag
@@ -29,6 +33,12 @@ SETTINGS_SECTION = ("klora", "K-LoRA")
 
 network_cache = engine.NetworkCache()
 score_cache = ScoreCache()
+guidance_models = GuidanceModels(Path(paths.models_path) / "klora")
+_taesd_decoders: dict[str, Any] = {}  # private differentiable copies, by latent kind
+# The denoiser of the evaluation in progress: `on_cfg_after_cfg` gets no processing object, only x̂0. A weak
+# reference, so nothing of a finished generation is kept alive by it.
+_current_denoiser: Any = None
+_EXTRA_NETWORK_TAG = re.compile(r"<\w+:[^>]*>")
 
 
 def _opt(name: str, default: Any) -> Any:
@@ -163,6 +173,16 @@ class KLoraScript(scripts.Script):
             return
         pair = first or hires
         prompt = (getattr(p, "all_prompts", None) or [p.prompt])[0]
+        job = p._klora
+        engine.guard_sample(p, job, nets, on_failure=lambda exc: _end_guidance(job))
+        if any(params is not None and params.uses_guidance for params in (first, hires)):
+            try:
+                job.guidance = build_guidance(pair, _EXTRA_NETWORK_TAG.sub("", prompt or ""))
+            except (KLoraError, ValueError, OSError) as exc:
+                engine.teardown(nets, job)
+                p._klora = None
+                _stop_job(p, f"K-LoRA guidance: {exc}")
+                return
         lora_tags = [pos for name, pos, _ in find_extra_networks(prompt) if name == "lora"]
         for positional in lora_tags:
             if positional and positional[0] in (pair.subject, pair.style):
@@ -191,17 +211,19 @@ class KLoraScript(scripts.Script):
         if job is None:
             return
         engine.teardown(engine.lora_extension(), job)
+        _end_guidance(job)
         p._klora = None
         if job.failed:
             return
         if any(params is not None and params.show_map for params in (job.params, job.hires_params)):
+            names = [layer.canonical for layer in job.table.layers]
             for record in job.passes:
-                plan = job.plan_for(record.params)
-                title = f"{record.label}: {map_title(plan)}"
-                image = render_selection_map(
-                    plan.layer_names, record.schedule.choices.tolist(), record.schedule.labels, title
-                )
-                processed.images.append(image)
+                if record.schedule is None:
+                    title = f"{record.label}: {engine.dynamic_title(record.params)}"
+                else:
+                    title = f"{record.label}: {map_title(job.plan_for(record.params))}"
+                choices, labels = engine.pass_choices(job, record)
+                processed.images.append(render_selection_map(names, choices, labels, title))
                 processed.infotexts.append(f"K-LoRA selection map, {title}")
 
 
@@ -209,11 +231,14 @@ class KLoraScript(scripts.Script):
 
 
 def on_cfg_denoiser(params: Any) -> None:
+    global _current_denoiser
     denoiser = params.denoiser
     p = getattr(denoiser, "p", None)
     job = getattr(p, "_klora", None)
     if job is None or job.failed:
         return
+    _current_denoiser = weakref.ref(denoiser)
+    job.sigma = params.sigma
     try:
         if shared.sd_model is not job.model:
             raise KLoraError("the checkpoint changed during the job (refiner or hires checkpoint)")
@@ -224,9 +249,113 @@ def on_cfg_denoiser(params: Any) -> None:
         fail_job(p, job, exc)
 
 
+def on_cfg_after_cfg(params: Any) -> None:
+    """Reference guidance: nudge the CFG-combined x̂0 of a guided step (k-diffusion samplers only)."""
+    denoiser = _current_denoiser() if _current_denoiser is not None else None
+    p = getattr(denoiser, "p", None)
+    job = getattr(p, "_klora", None)
+    if job is None or job.failed or job.guidance is None or shared.state.interrupted:
+        return
+    pass_params = job.params_for(bool(getattr(p, "is_hr_pass", False)))
+    if pass_params is None or not pass_params.uses_guidance:
+        return
+    from modules import sd_samplers_timesteps
+
+    if isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps):
+        # DDIM, PLMS, UniPC: the value after CFG is the noise prediction, not x̂0.
+        _guidance_off(p, job, f"guidance needs a k-diffusion sampler; {p.sampler_name} passes no x̂0 here")
+        return
+    try:
+        x0 = params.x
+        nudged = job.guidance.apply(x0, _sigma_of(job.sigma), job.tracker.step, job.tracker.steps)
+        if nudged is not x0:
+            if getattr(denoiser, "mask", None) is not None:  # inpainting: keep the unmasked area as given
+                nudged = nudged * denoiser.nmask + denoiser.init_latent * denoiser.mask
+            params.x = nudged
+    except Exception as exc:  # callbacks must not raise; guidance stops, the fusion goes on
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        _guidance_off(p, job, f"guidance failed and was switched off: {exc}")
+
+
+def _sigma_of(sigma: Any) -> Any:
+    # sigma_in holds one value per row (cond rows, then uncond rows); they are equal within a step.
+    return sigma.reshape(-1)[0] if isinstance(sigma, torch.Tensor) and sigma.numel() else sigma
+
+
+def _guidance_off(p: Any, job: engine.Job, reason: str) -> None:
+    message = f"K-LoRA: {reason}"
+    print(message)
+    p.comment(message)
+    _end_guidance(job)
+
+
+def _end_guidance(job: engine.Job) -> None:
+    job.guidance = None
+    if _opt("klora_guidance_offload", True):
+        guidance_models.offload()
+        for decoder in _taesd_decoders.values():
+            decoder.to("cpu")
+        devices.torch_gc()
+
+
+def build_guidance(params: KLoraParams, prompt: str) -> GuidanceRun:
+    shared.state.textinfo = "K-LoRA: loading guidance models"
+
+    def progress(text: str) -> None:
+        shared.state.textinfo = f"K-LoRA: {text}"
+        print(f"K-LoRA: {text}")
+
+    decode = guidance_decoder(params.guidance_decoder)
+    return GuidanceRun.build(
+        params, guidance_models, decode, prompt=prompt, device=devices.device, progress=progress
+    )
+
+
+def guidance_decoder(kind: str) -> Any:
+    """A differentiable latent → [0, 1] image decode for guidance: a private TAESD copy, or the full VAE."""
+    from ..taesd import DECODER_FILES, load_taesd_decoder
+
+    model = shared.sd_model
+    if kind == "vae":
+        vae, scale = model.first_stage_model, float(model.scale_factor)
+
+        def decode_vae(z: torch.Tensor) -> torch.Tensor:
+            weight = next(vae.parameters())
+            image = vae.decode(z.to(device=weight.device, dtype=weight.dtype) / scale)
+            return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+        return decode_vae
+    if getattr(model, "is_sd3", False):
+        raise KLoraError("TAESD guidance supports SD1/SD2/SDXL latents; choose the 'vae' decoder for SD3")
+    latent = "sdxl" if getattr(model, "is_sdxl", False) else "sd"
+    decoder = _taesd_decoders.get(latent)
+    if decoder is None:
+        local = guidance_models.weights_dir / DECODER_FILES[latent]
+        if local.is_file():
+            decoder = load_taesd_decoder(local)
+        else:
+            from modules import sd_vae_taesd
+
+            host_file = ("taesdxl" if latent == "sdxl" else "taesd") + "_decoder.pth"
+            try:  # the WebUI's own loader (and download) of the live-preview decoder
+                host_decoder = sd_vae_taesd.decoder_model()
+            except Exception as exc:
+                host_dir = Path(paths.models_path) / "VAE-taesd"
+                raise KLoraError(
+                    f"no TAESD decoder for guidance ({type(exc).__name__}: {exc}). "
+                    f"Put {DECODER_FILES[latent]} into {guidance_models.weights_dir}, or {host_file} into "
+                    f"{host_dir} (both from https://github.com/madebyollin/taesd); or use the 'vae' decoder"
+                ) from exc
+            decoder = load_taesd_decoder(state_dict=host_decoder.state_dict())
+        _taesd_decoders[latent] = decoder
+    decoder.to(devices.device)
+    return decoder.decode
+
+
 def fail_job(p: Any, job: engine.Job, exc: BaseException) -> None:
     job.failed = str(exc) or type(exc).__name__
     engine.teardown(engine.lora_extension(), job)
+    _end_guidance(job)
     message = f"K-LoRA was switched off for this image: {job.failed}"
     print(message)
     if not isinstance(exc, KLoraError):
@@ -236,6 +365,7 @@ def fail_job(p: Any, job: engine.Job, exc: BaseException) -> None:
 
 def on_model_loaded(_model: Any) -> None:
     network_cache.clear()
+    _taesd_decoders.clear()  # SD1 and SDXL latents need different decoders
 
 
 def on_ui_settings() -> None:
@@ -260,6 +390,11 @@ def on_ui_settings() -> None:
         "klora_show_map": shared.OptionInfo(
             False, "Add the selection map to outputs by default", section=SETTINGS_SECTION
         ),
+        "klora_guidance_offload": shared.OptionInfo(
+            True,
+            "Move guidance models (CLIP, DINO, TAESD) to the CPU between generations",
+            section=SETTINGS_SECTION,
+        ).info("frees GPU memory; off keeps them on the GPU for faster repeated guided generations"),
     }
     for key, info in options.items():
         shared.opts.add_option(key, info)
@@ -311,6 +446,7 @@ def on_app_started(_demo: Any, app: Any) -> None:
 
 def register_callbacks() -> None:
     script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+    script_callbacks.on_cfg_after_cfg(on_cfg_after_cfg)
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_before_ui(on_before_ui)
