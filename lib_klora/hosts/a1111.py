@@ -29,6 +29,7 @@ from ..selection_map import render_selection_map
 from . import a1111_engine as engine
 
 TITLE = "K-LoRA"
+NOTE_KEY = "K-LoRA note"
 SETTINGS_SECTION = ("klora", "K-LoRA")
 
 network_cache = engine.NetworkCache()
@@ -285,7 +286,9 @@ def _sigma_of(sigma: Any) -> Any:
 def _guidance_off(p: Any, job: engine.Job, reason: str) -> None:
     message = f"K-LoRA: {reason}"
     print(message)
-    p.comment(message)
+    p.comment(message)  # shown under the images in the UI
+    # API clients see only the infotext; from_infotext ignores this key, so pasting still works.
+    p.extra_generation_params[NOTE_KEY] = reason
     _end_guidance(job)
 
 
