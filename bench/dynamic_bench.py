@@ -7,7 +7,9 @@ LoRA rank 8 and style LoRA rank 16. One "step" runs every layer once, as one bat
 * K-LoRA: the layers with the chosen LoRA merged into the weights, so a step is the plain forwards
   (K-LoRA's per-step selection itself is a table lookup and costs nothing at this scale);
 * dynamic: the same forwards with the `dynamic` hooks, each deciding on its step's first (here: only) call:
-  two low-rank deltas, three softmaxes and two KL reductions per layer, then out + chosen delta.
+  two low-rank deltas on a token subsample, three softmaxes and two KL reductions per layer, then the
+  chosen delta accumulated into the output in place (`in_place=True`, as the WebUI adapters install
+  them). An extra line shows the out-of-place variant (a new output tensor per layer).
 
 Both are timed side by side in interleaved repeats; the figure is the ratio of the median step times
 (target ≤ 1.5). The dynamic hooks are timed with the shipped token subsample (`DEFAULT_MAX_TOKENS`) and
@@ -106,6 +108,7 @@ def _build(device: torch.device, dtype: torch.dtype):
 class _Variant:
     label: str
     selector: DynamicSelector | None  # None: the plain (merged) forwards
+    in_place: bool = True
     times: list[float] = field(default_factory=list)
 
 
@@ -128,7 +131,10 @@ def kl_vs_topk(
     # Reference: the subject delta applied on the activation side with no decision, the floor of any
     # unmerged LoRA (its extra low-rank matmuls and the add).
     floor = _Variant("subject delta only (floor)", DynamicSelector(0))
-    variants = [merged, shipped, floor]
+    out_of_place = _Variant(
+        f"dynamic, max_tokens={DEFAULT_MAX_TOKENS}, out of place", DynamicSelector(len(names)), in_place=False
+    )
+    variants = [merged, shipped, floor, out_of_place]
     for extra in also_max_tokens:
         if extra != DEFAULT_MAX_TOKENS:
             label = f"dynamic, max_tokens={extra or 'all'}"
@@ -141,7 +147,11 @@ def kl_vs_topk(
             continue
         pairs = {n: (b[0], None) for n, b in branches.items()} if variant is floor else branches
         live = _live_for(variant, current)
-        hook_sets.append(install_hooks(hooked, pairs, variant.selector, index, live))
+        # in_place as the WebUI adapters install them: the chosen delta is accumulated into the layer's
+        # fresh output by one in-place GEMM.
+        hook_sets.append(
+            install_hooks(hooked, pairs, variant.selector, index, live, in_place=variant.in_place)
+        )
         variant.selector.begin_pass("bench", 1_000_000)
 
     def step(variant: _Variant) -> float:

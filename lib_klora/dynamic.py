@@ -23,8 +23,9 @@ Choices made here (the paper leaves them open):
   deciding on all tokens would more than double a step; 256 tokens per sample (512 with CFG) estimate a
   mean well enough that only near-ties, where either choice is fine, can flip. ``max_tokens=None`` is
   the exact mean. bench/dynamic_bench.py measures both;
-* the result is ``out + delta`` out of place, never written into the host's output tensor, which a host
-  or another extension may still hold or cache.
+* the result is ``out + delta`` out of place by default; hosts whose layer outputs are fresh tensors (plain
+  Linear/Conv2d forwards under no_grad) pass ``in_place=True`` to `install_hooks`, which accumulates the
+  chosen delta into the output with one in-place GEMM instead.
 
 Host-free: nothing here imports the WebUI. Hosts feed `DynamicSelector` the pass and step, and install the
 hooks with `install_hooks`.
@@ -293,6 +294,30 @@ class LowRankBranch:
             h = h * self.scale
         return F.conv2d(h, up, None, 1, 0, 1, c.groups).to(out_dtype)
 
+    def add_into(self, out: Tensor, x: Tensor) -> Tensor:
+        """`out` + delta(x). Linear: accumulated into `out` by one in-place GEMM (`addmm_`, beta=1), with no
+        output-sized temporary; use only on a fresh output nobody else holds. Otherwise a new tensor."""
+        if self.conv is not None or not _can_write(out) or out.shape[-1] != self.out_features:
+            return self.delta(x, out.dtype).add_(out)
+        up, down = self.factors_on(x.device)
+        h = F.linear(x.to(down.dtype), down)
+        if self.scale != 1.0:
+            h = h * self.scale
+        if h.dtype != out.dtype:
+            h, up = h.to(out.dtype), up.to(out.dtype)
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.rank), up.t())
+        return out
+
+
+def _can_write(out: Tensor) -> bool:
+    """Whether the hook may add into the host's output in place: a contiguous float tensor that autograd
+    does not track (sampling runs under no_grad / inference_mode)."""
+    return (
+        out.is_contiguous()
+        and out.is_floating_point()
+        and not (out.requires_grad and torch.is_grad_enabled())
+    )
+
 
 def _shapes(up: Tensor, down: Tensor) -> str:
     return f"up {tuple(up.shape)}, down {tuple(down.shape)}"
@@ -344,6 +369,9 @@ class DenseBranch:
         b = None if bias is None else bias.to(weight.dtype)
         out = F.conv2d(h, weight, b, stride=c.stride, padding=padding, dilation=c.dilation, groups=c.groups)
         return out.to(out_dtype)
+
+    def add_into(self, out: Tensor, x: Tensor) -> Tensor:
+        return self.delta(x, out.dtype).add_(out)
 
 
 Branch = LowRankBranch | DenseBranch
@@ -606,12 +634,19 @@ def install_hooks(
     selector: DynamicSelector,
     layer_index: Mapping[str, int],
     is_live: Callable[[], bool],
+    *,
+    in_place: bool = False,
 ) -> HookSet:
     """Hook every module that has a branch: out + the chosen delta (or + the only delta it has).
 
     `branches[name]` is (subject, style); a module with one branch gets it unconditionally, one with none
     is not hooked. Modules with both need a `layer_index` (their row in the selector's table). While
     `is_live()` is false the hooks return None and the output is left alone.
+
+    `in_place`: add the chosen delta into the module's output tensor instead of returning a new one (one
+    in-place GEMM for linear layers, no output-sized temporary: the cheapest way to apply a LoRA on the
+    activation side). Only for hosts whose layer outputs are fresh tensors no one else holds, as plain
+    Linear/Conv2d forwards under no_grad are; never while autograd records.
     """
     checked: list[tuple[str, nn.Module, Branch | None, Branch | None, int | None]] = []
     for name, (subject, style) in branches.items():
@@ -632,7 +667,7 @@ def install_hooks(
 
     hooks = HookSet()
     for name, module, subject, style, index in checked:
-        hook = _make_hook(hooks, name, subject, style, index, selector, is_live)
+        hook = _make_hook(hooks, name, subject, style, index, selector, is_live, in_place)
         hooks.handles.append(module.register_forward_hook(hook, with_kwargs=True))
     return hooks
 
@@ -645,7 +680,13 @@ def _make_hook(
     index: int | None,
     selector: DynamicSelector,
     is_live: Callable[[], bool],
+    in_place: bool = False,
 ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Tensor | None]:
+    def add(branch: Branch, x: Tensor, out: Tensor) -> Tensor:
+        if in_place:
+            return branch.add_into(out, x)
+        return branch.delta(x, out.dtype).add_(out)  # delta is a fresh tensor: add in place, one alloc
+
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Tensor | None:
         if not hooks.active or not is_live():
             return None
@@ -659,11 +700,11 @@ def _make_hook(
         if subject is None or style is None:
             only = subject if style is None else style
             assert only is not None
-            return only.delta(x, out.dtype).add_(out)  # delta is a fresh tensor: add in place, one alloc
+            return add(only, x, out)
         assert index is not None
         known = selector.lookup(index)
         if known is not None:  # a later call of this step: only the chosen delta is needed
-            return (subject if known == SUBJECT else style).delta(x, out.dtype).add_(out)
+            return add(subject if known == SUBJECT else style, x, out)
         channel_dim = 1 if subject.is_conv else -1
         if out.device.type in _SYNC_FREE_DEVICES and not selector.per_sample:
             return _decide_on_host(x, out, channel_dim)
@@ -690,6 +731,6 @@ def _make_hook(
         choice = int(selector.decide(index, outs, d_subject, d_style, channel_dim))
         if xs is x:
             return (d_subject if choice == SUBJECT else d_style).add_(out)
-        return (subject if choice == SUBJECT else style).delta(x, out.dtype).add_(out)
+        return add(subject if choice == SUBJECT else style, x, out)
 
     return hook

@@ -661,3 +661,57 @@ def test_linear_hook_with_token_subsample(tokens: int, select_path: str) -> None
     chosen = subject if want.item() == SUBJECT else style
     torch.testing.assert_close(out, base + chosen.delta(x))
     assert selector.table("p").tolist() == [[want.item()]]
+
+
+# ---------------------------------------------------------------- in-place accumulation
+
+
+def _linear_branch(out_f: int, in_f: int, rank: int, seed: int, scale: float = 0.7) -> LowRankBranch:
+    g = _gen(seed)
+    return LowRankBranch(torch.randn(out_f, rank, generator=g), torch.randn(rank, in_f, generator=g), scale)
+
+
+def test_add_into_accumulates_in_the_output_buffer_with_the_same_result() -> None:
+    branch = _linear_branch(12, 6, 3, seed=5)
+    x = torch.randn(2, 9, 6, generator=_gen(6))
+    out = torch.randn(2, 9, 12, generator=_gen(7))
+    expected = out + branch.delta(x)
+    with torch.no_grad():
+        result = branch.add_into(out, x)
+    assert result is out  # no output-sized temporary: written into the host's fresh output
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_add_into_leaves_tracked_or_strided_outputs_alone() -> None:
+    branch = _linear_branch(12, 6, 3, seed=5)
+    x = torch.randn(4, 6, generator=_gen(1))
+    tracked = torch.randn(4, 12, generator=_gen(2), requires_grad=True)
+    result = branch.add_into(tracked, x)  # autograd records: never in place
+    assert result is not tracked
+    strided = torch.randn(12, 4, generator=_gen(3)).t()  # a transposed view is not contiguous
+    before = strided.clone()
+    result = branch.add_into(strided, x)
+    assert result is not strided and torch.equal(strided, before)
+    torch.testing.assert_close(result, before + branch.delta(x))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_in_place_hooks_give_the_out_of_place_result(in_place: bool) -> None:
+    layer = nn.Linear(6, 12)
+    pair = (_linear_branch(12, 6, 3, seed=1), _linear_branch(12, 6, 2, seed=2, scale=1.3))
+    single = nn.Linear(6, 12)
+    x = torch.randn(2, 300, 6, generator=_gen(3))  # more tokens than the subsample: two-stage decision
+    with torch.no_grad():
+        base, base_single = layer(x), single(x)
+    selector = DynamicSelector(1)
+    selector.begin_pass("p", 1)
+    modules = {"a": layer, "b": single}
+    branches = {"a": pair, "b": (pair[0], None)}
+    with (
+        install_hooks(modules, branches, selector, {"a": 0}, lambda: True, in_place=in_place),
+        torch.no_grad(),
+    ):
+        hooked, hooked_single = layer(x), single(x)
+    choice = int(selector.table("p")[0, 0])
+    torch.testing.assert_close(hooked, base + pair[choice].delta(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hooked_single, base_single + pair[0].delta(x), rtol=1e-5, atol=1e-5)

@@ -364,6 +364,7 @@ def build_dynamic(job: Job, params: KLoraParams) -> DynamicState:
         selector,
         index,
         is_live=lambda: state.live and not job.failed,
+        in_place=True,  # Linear/Conv2d outputs under no_grad are fresh tensors (Lora's patched forwards too)
     )
     return state
 
