@@ -2,10 +2,14 @@
 // the LoRA cards of the extra-networks pane. Plain script, loaded by the WebUI on every page.
 //
 // Ids it relies on (built by lib_klora/ui.py and the WebUI, identical in A1111 1.10 and Forge):
-//   #klora_<tab>_<field>            one per control, <tab> = txt2img | img2img
+//   #klora_<tab>_<field>            one per control, <tab> = txt2img | img2img (every FIELD_HELP key,
+//                                   the reference-image upload boxes and controls in closed or hidden
+//                                   sections included: those get their titles once gradio renders them)
 //   #klora_<tab>_help_data          hidden HTML whose .klora-help-data[data-help] holds FIELD_HELP as JSON
 //   #klora_<tab>_card_pick          hidden textbox, and #klora_<tab>_card_pick_apply, its hidden button
-//   #klora_<tab>_accordion          the accordion (gradio marks its .label-wrap "open" when expanded)
+//   #klora_<tab>_accordion          the accordion (gradio marks its .label-wrap "open" when expanded); it
+//                                   holds nested accordions (#klora_<tab>_dynamic_group, _hires_group,
+//                                   _guidance_group) whose headers come after its own
 //   #<tab>_lora_cards > .card       LoRA cards; data-name is the name in the WebUI's LoRA list
 (function() {
     "use strict";

@@ -326,6 +326,12 @@ class PasteKey(str):
             return None  # the host leaves the component as it is
         # The host casts plain values to type(component.value); a component created empty (None)
         # would swallow them, so those get an update dict, which A1111 and Forge pass through.
+        # gradio 3 turns any update of a Number into one with step=1 (its Number.update default), so
+        # there the float boxes get their arrow step again. Only there: Forge's API `infotext` reads
+        # gradio 3's "generic_update" dicts but would choke on gradio 4's.
+        step = _NUMBER_LIMITS[self.field_name][2] if self.field_name in _NUMBER_LIMITS else None
+        if step is not None and GRADIO_MAJOR < 4:
+            return gr.update(value=value, step=step)
         return gr.update(value=value) if self._raw_none else value
 
 
@@ -474,7 +480,6 @@ def _reference_box(name: str, is_img2img: bool) -> Any:
         file_types=["image"],
         type="binary",
         elem_id=elem_id(is_img2img, name),
-        elem_classes=["klora-refs"],
     )
 
 
@@ -543,7 +548,7 @@ def build_ui(
                 precision=0,
                 minimum=0,
                 elem_id=eid("seed"),
-                visible=value("method") == "random",
+                visible=_method_used("random", value("method"), value("hires"), value("hires_method")),
             )
             comps["te_policy"] = _dropdown(
                 "te_policy", value("te_policy"), _labelled("te_policy"), is_img2img
@@ -596,13 +601,16 @@ def build_ui(
             with gr.Row():
                 for name in REFERENCE_FIELDS:
                     comps[name] = _reference_box(name, is_img2img)
+            # Two weights a row: four sliders do not fit the settings column side by side.
+            for pair in (_GUIDANCE_WEIGHTS[:2], _GUIDANCE_WEIGHTS[2:]):
+                with gr.Row():
+                    for name in pair:
+                        comps[name] = _slider(name, value(name), GUIDANCE_WEIGHT_SLIDER, is_img2img)
             with gr.Row():
-                for name in _GUIDANCE_WEIGHTS:
-                    comps[name] = _slider(name, value(name), GUIDANCE_WEIGHT_SLIDER, is_img2img)
-            with gr.Row():
-                comps["guidance_eta"] = _number("guidance_eta", value("guidance_eta"), is_img2img)
                 for name in ("guidance_start", "guidance_end"):
                     comps[name] = _slider(name, value(name), GUIDANCE_WINDOW_SLIDER, is_img2img)
+            with gr.Row():
+                comps["guidance_eta"] = _number("guidance_eta", value("guidance_eta"), is_img2img)
                 for name in ("guidance_every", "guidance_iters"):
                     comps[name] = _integer(name, value(name), is_img2img)
             with gr.Row():

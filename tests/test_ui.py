@@ -8,6 +8,8 @@ so there: ``python -m pytest --noconftest tests/test_ui.py tests/test_xyz.py``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import re
 import shutil
@@ -21,11 +23,41 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from lib_klora import ui  # noqa: E402  (after the skip: ui imports gradio)
-from lib_klora.params import CHOICES, FIELD_HELP, POSITIONAL_FIELDS, KLoraParams  # noqa: E402
+from lib_klora.params import (  # noqa: E402
+    CHOICES,
+    FIELD_HELP,
+    POSITIONAL_FIELDS,
+    REFERENCE_FIELDS,
+    KLoraParams,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["alpha_dog", "beta_style", "gamma ink"]
-CHOICE_FIELDS = ("method", "pattern", "gamma", "te_policy", "hires", "hires_method", "hires_pattern")
+CHOICE_FIELDS = (
+    "method",
+    "pattern",
+    "gamma",
+    "te_policy",
+    "hires",
+    "hires_method",
+    "hires_pattern",
+    "kl_direction",
+    "guidance_decoder",
+)
+NEW_FIELDS = POSITIONAL_FIELDS[POSITIONAL_FIELDS.index("show_map") + 1 :]
+PASTED_FIELDS = tuple(name for name in POSITIONAL_FIELDS if name not in REFERENCE_FIELDS)
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (8, 6)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+STYLE_PNG = png_bytes()
+SUBJECT_PNG = png_bytes((10, 120, 240), (5, 7))
 CUSTOM = KLoraParams(
     enabled=True,
     subject="alpha_dog",
@@ -44,6 +76,43 @@ CUSTOM = KLoraParams(
     hires_alpha=1.75,
     hires_beta=0.7,
     show_map=True,
+)
+# Every setting added with method "dynamic" and reference guidance, none at its default.
+GUIDED = KLoraParams(
+    enabled=True,
+    subject="alpha_dog",
+    style="beta_style",
+    method="dynamic",
+    pattern="s*",
+    kl_temperature=0.35,
+    kl_direction="symmetric",
+    kl_per_sample=True,
+    kl_hybrid=True,
+    guidance=True,
+    guidance_style=0.7,
+    guidance_subject=1.45,
+    guidance_subject_clip=0.25,
+    guidance_text=0.1,
+    guidance_eta=0.02,
+    guidance_start=0.1,
+    guidance_end=0.8,
+    guidance_every=2,
+    guidance_iters=3,
+    guidance_decoder="vae",
+    clip_model="ViT-L-14:openai",
+    dino_model="vit_base_patch16_224.dino",
+    style_refs=[STYLE_PNG],
+    subject_refs=[SUBJECT_PNG, STYLE_PNG],
+)
+# Only the separate hires pass runs "dynamic": the KL settings still apply (and reach the infotext).
+HIRES_DYNAMIC = KLoraParams(
+    enabled=True,
+    subject="alpha_dog",
+    style="beta_style",
+    hires="separate",
+    hires_method="dynamic",
+    kl_temperature=4.0,
+    kl_direction="symmetric",
 )
 
 
@@ -77,6 +146,79 @@ def test_components_follow_positional_fields(is_img2img: bool) -> None:
     assert len(built.components) == len(POSITIONAL_FIELDS)
     assert [c.elem_id for c in built.components] == [f"klora_{tab}_{name}" for name in POSITIONAL_FIELDS]
     assert list(built.by_field.values()) == built.components
+
+
+def test_every_new_field_has_its_control_in_the_right_section() -> None:
+    _, built = build()
+    kinds = {
+        "kl_temperature": gr.Number,
+        "kl_direction": gr.Radio,
+        "kl_per_sample": gr.Checkbox,
+        "kl_hybrid": gr.Checkbox,
+        "guidance": gr.Checkbox,
+        "guidance_style": gr.Slider,
+        "guidance_subject": gr.Slider,
+        "guidance_subject_clip": gr.Slider,
+        "guidance_text": gr.Slider,
+        "guidance_eta": gr.Number,
+        "guidance_start": gr.Slider,
+        "guidance_end": gr.Slider,
+        "guidance_every": gr.Number,
+        "guidance_iters": gr.Number,
+        "guidance_decoder": gr.Radio,
+        "clip_model": gr.Textbox,
+        "dino_model": gr.Textbox,
+        "style_refs": gr.File,
+        "subject_refs": gr.File,
+    }
+    assert set(kinds) == set(NEW_FIELDS)  # a field added to the model needs a line here
+    for name, kind in kinds.items():
+        assert isinstance(built.by_field[name], kind), name
+        assert built.by_field[name].label == ui.FIELD_LABELS[name]
+
+    def inside(group: Any) -> set[str]:
+        found, todo = set(), list(group.children)
+        while todo:
+            block = todo.pop()
+            found.add(getattr(block, "elem_id", None))
+            todo.extend(getattr(block, "children", []))
+        return found
+
+    dynamic = inside(built.extras["dynamic_group"])
+    guidance = inside(built.extras["guidance_group"])
+    for name in NEW_FIELDS:
+        assert (ui.elem_id(False, name) in dynamic) == name.startswith("kl_"), name
+        assert (ui.elem_id(False, name) in guidance) == (not name.startswith("kl_")), name
+
+
+def test_guidance_controls_ranges() -> None:
+    _, built = build()
+    for name in ("guidance_style", "guidance_subject", "guidance_subject_clip", "guidance_text"):
+        slider = built.by_field[name]
+        assert (slider.minimum, slider.maximum, slider.step) == ui.GUIDANCE_WEIGHT_SLIDER
+    for name in ("guidance_start", "guidance_end"):
+        slider = built.by_field[name]
+        assert (slider.minimum, slider.maximum, slider.step) == ui.GUIDANCE_WINDOW_SLIDER
+    for name, high in (("guidance_every", 1000), ("guidance_iters", 10)):
+        box = built.by_field[name]
+        assert (box.precision, box.minimum, box.maximum) == (0, 1, high)
+        assert isinstance(box.value, int)
+    assert (built.by_field["guidance_eta"].minimum, built.by_field["guidance_eta"].maximum) == (0.0, 1.0)
+    assert (built.by_field["kl_temperature"].minimum, built.by_field["kl_temperature"].maximum) == (
+        0.0,
+        100.0,
+    )
+    for name in ("clip_model", "dino_model"):
+        assert built.by_field[name].max_lines == 1
+        assert built.by_field[name].lines == 1
+
+
+@pytest.mark.parametrize("name", REFERENCE_FIELDS)
+def test_reference_boxes_take_several_images_as_bytes(name: str) -> None:
+    _, built = build()
+    box = built.by_field[name]
+    assert (box.file_count, box.file_types, box.type) == ("multiple", ["image"], "binary")
+    assert box.value is None
 
 
 def test_every_element_id_is_unique_across_both_tabs() -> None:
@@ -122,6 +264,7 @@ def test_defaults_are_the_model_defaults() -> None:
     assert built.by_field["beta"].value == 0.5
     assert built.by_field["hires_method"].value == ui.SAME
     assert built.by_field["hires_alpha"].value is None
+    assert built.by_field["style_refs"].value is None and built.by_field["subject_refs"].value is None
 
 
 def test_custom_defaults_round_trip() -> None:
@@ -135,6 +278,42 @@ def test_seed_and_hires_group_hidden_by_default() -> None:
     _, built = build()
     assert built.by_field["seed"].visible is False
     assert built.extras["hires_group"].visible is False
+    assert built.extras["dynamic_group"].visible is False
+
+
+def test_guidance_section_closed_by_default() -> None:
+    _, built = build()
+    group = built.extras["guidance_group"]
+    assert group.open is False
+    assert group.label == ui.GUIDANCE_GROUP_LABEL == "Reference guidance"
+    assert group.visible is not False
+
+
+@pytest.mark.parametrize("params", [GUIDED, HIRES_DYNAMIC])
+def test_dynamic_defaults_show_their_group(params: KLoraParams) -> None:
+    _, built = build(defaults=params)
+    assert built.extras["dynamic_group"].visible is True
+    assert built.by_field["seed"].visible is False
+
+
+def test_a_random_hires_pass_shows_the_seed_from_the_start() -> None:
+    _, built = build(defaults=KLoraParams(hires="separate", hires_method="random"))
+    assert built.by_field["seed"].visible is True
+    assert built.extras["dynamic_group"].visible is False
+
+
+def test_new_custom_defaults_round_trip() -> None:
+    # The upload boxes start empty whatever the defaults hold (a gr.File value is a file path)...
+    _, built = build(defaults=GUIDED)
+    values = dict(zip(POSITIONAL_FIELDS, values_of(built), strict=True))
+    assert values["style_refs"] is None and values["subject_refs"] is None
+    # ...everything else shows the configured value.
+    values.update(style_refs=[STYLE_PNG], subject_refs=[SUBJECT_PNG, STYLE_PNG])
+    assert KLoraParams.from_any(list(values.values())).to_dict() == {**GUIDED.to_dict(), "beta": 1.3}
+    assert built.extras["guidance_group"].open is True  # guidance on: its section is not hidden away
+    assert built.extras["guidance_group"].label == "Reference guidance (on)"
+    _, built = build(defaults=HIRES_DYNAMIC)
+    assert KLoraParams.from_any(values_of(built)).to_dict() == {**HIRES_DYNAMIC.to_dict(), "beta": 0.5}
 
 
 @pytest.mark.parametrize("name", CHOICE_FIELDS)
@@ -155,8 +334,19 @@ def test_labelled_choices_on_gradio_4_plain_values_on_gradio_3() -> None:
     choices = built.by_field["method"].choices
     if ui.GRADIO_MAJOR >= 4:
         assert ("Direct merge (baseline)", "merge") in [tuple(c) for c in choices]
+        assert ("Dynamic (KL on activations)", "dynamic") in [tuple(c) for c in choices]
+        assert ("Dynamic (KL on activations)", "dynamic") in [
+            tuple(c) for c in built.by_field["hires_method"].choices
+        ]
+        assert [tuple(c)[1] for c in built.by_field["kl_direction"].choices] == ["forward", "symmetric"]
     else:  # gradio 3.41 would print "('K-LoRA', 'klora')"
         assert choices == list(CHOICES["method"])
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_every_choice_has_a_label(name: str) -> None:
+    # gradio 4 shows these labels; a value without one would show as its bare model word
+    assert set(ui._VALUE_LABELS[name]) == set(CHOICES[name])
 
 
 def test_lora_dropdowns_list_the_names_and_start_empty() -> None:
@@ -255,18 +445,59 @@ def test_visibility_handlers() -> None:
     assert ui.hires_group_visibility("same")["visible"] is False
 
 
-def dependencies(demo: Any) -> dict[tuple[str, str], tuple[list[str], list[str]]]:
-    """(trigger elem_id, event) -> (input elem_ids, output elem_ids), from either gradio's config."""
+@pytest.mark.parametrize(
+    ("method", "hires", "hires_method", "dynamic", "seed"),
+    [
+        ("klora", "same", ui.SAME, False, False),
+        ("dynamic", "same", ui.SAME, True, False),
+        ("dynamic", "off", "merge", True, False),  # the first pass still runs dynamic
+        ("klora", "separate", "dynamic", True, False),
+        ("klora", "same", "dynamic", False, False),  # hires method ignored unless "separate"
+        ("klora", "off", "dynamic", False, False),
+        ("dynamic", "separate", "random", True, True),
+        ("klora", "separate", "random", False, True),  # the hires pass uses the seed
+        ("random", "separate", ui.SAME, False, True),
+        ("klora", "separate", ui.SAME, False, False),
+        (None, None, None, False, False),
+    ],
+)
+def test_method_visibility(method: Any, hires: Any, hires_method: Any, dynamic: bool, seed: bool) -> None:
+    assert ui.dynamic_group_visibility(method, hires, hires_method) == gr.update(visible=dynamic)
+    assert ui.seed_visibility(method, hires, hires_method) == gr.update(visible=seed)
+    assert ui.method_visibility(method, hires, hires_method) == (
+        gr.update(visible=seed),
+        gr.update(visible=dynamic),
+    )
+
+
+def test_dynamic_visibility_defaults_to_the_first_pass() -> None:
+    assert ui.dynamic_group_visibility("dynamic")["visible"] is True
+    assert ui.dynamic_group_visibility("merge")["visible"] is False
+
+
+def test_guidance_switch_opens_and_titles_its_section() -> None:
+    on = ui.guidance_group_update(True)
+    assert on["open"] is True and on["label"] == "Reference guidance (on)"
+    for value in (False, None):
+        off = ui.guidance_group_update(value)
+        assert off["label"] == "Reference guidance"
+        assert "open" not in off  # switching off leaves the section as the user has it
+
+
+def dependencies(demo: Any) -> dict[tuple[str, str], list[tuple[list[str], list[str]]]]:
+    """(trigger elem_id, event) -> [(input elem_ids, output elem_ids), ...], from either gradio's config."""
     config = blocks_config(demo)
     ids = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
-    wiring = {}
+    wiring: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {}
     for dep in config["dependencies"]:
         for target in dep["targets"]:
             # gradio 4: [id, event] pairs; gradio 3: bare ids with the event in "trigger"
             block, event = (
                 (target[0], target[1]) if isinstance(target, (list, tuple)) else (target, dep["trigger"])
             )
-            wiring[(ids[block], event)] = ([ids[i] for i in dep["inputs"]], [ids[o] for o in dep["outputs"]])
+            wiring.setdefault((ids[block], event), []).append(
+                ([ids[i] for i in dep["inputs"]], [ids[o] for o in dep["outputs"]])
+            )
     return wiring
 
 
@@ -274,30 +505,38 @@ def test_events_are_wired_to_the_right_components() -> None:
     demo, _ = build()
     e = "klora_txt2img_"
     wiring = dependencies(demo)
-    assert wiring[(e + "refresh", "click")] == ([e + "subject", e + "style"], [e + "subject", e + "style"])
-    assert wiring[(e + "card_pick_apply", "click")] == (
-        [e + "card_pick", e + "subject", e + "style"],
-        [e + "subject", e + "style", e + "enabled"],
-    )
+    assert wiring[(e + "refresh", "click")] == [([e + "subject", e + "style"], [e + "subject", e + "style"])]
+    assert wiring[(e + "card_pick_apply", "click")] == [
+        ([e + "card_pick", e + "subject", e + "style"], [e + "subject", e + "style", e + "enabled"])
+    ]
     # user edits only: a pasted infotext must not reset the pasted beta
-    assert wiring[(e + "pattern", "input")] == ([e + "pattern", e + "beta"], [e + "beta"])
-    assert wiring[(e + "hires_pattern", "input")] == (
-        [e + "hires_pattern", e + "hires_beta"],
-        [e + "hires_beta"],
-    )
-    assert wiring[(e + "method", "change")] == ([e + "method"], [e + "seed"])
-    assert wiring[(e + "hires", "change")] == ([e + "hires"], [e + "hires_group"])
+    assert wiring[(e + "pattern", "input")] == [([e + "pattern", e + "beta"], [e + "beta"])]
+    assert wiring[(e + "hires_pattern", "input")] == [
+        ([e + "hires_pattern", e + "hires_beta"], [e + "hires_beta"])
+    ]
+    # `.change`, so a pasted method or hires mode updates what is shown too
+    methods = ([e + "method", e + "hires", e + "hires_method"], [e + "seed", e + "dynamic_group"])
+    assert wiring[(e + "method", "change")] == [methods]
+    assert wiring[(e + "hires_method", "change")] == [methods]
+    assert wiring[(e + "hires", "change")] == [methods, ([e + "hires"], [e + "hires_group"])]
+    assert wiring[(e + "guidance", "change")] == [([e + "guidance"], [e + "guidance_group"])]
     assert not [key for key in wiring if key[1] == "change" and key[0] == e + "pattern"]
+    # nothing reacts to the upload boxes (their bytes are read once, by the generation)
+    assert not [key for key in wiring if key[0] in (e + "style_refs", e + "subject_refs")]
 
 
-def run_event(demo: Any, trigger: str, inputs: list[Any]) -> list[Any]:
-    """Run one event through gradio's own pre/postprocessing, as a browser request would."""
+def run_event(demo: Any, trigger: str, inputs: list[Any], output: str | None = None) -> list[Any]:
+    """Run one event through gradio's own pre/postprocessing, as a browser request would.
+
+    With several events on `trigger`, `output` (an elem_id) picks the one that updates it.
+    """
     config = blocks_config(demo)
     ids = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
     index = next(
         i
         for i, dep in enumerate(config["dependencies"])
         if ids[trigger] in [t[0] if isinstance(t, (list, tuple)) else t for t in dep["targets"]]
+        and (output is None or ids[output] in dep["outputs"])
     )
     try:
         from gradio.state_holder import SessionState  # gradio 4
@@ -327,7 +566,27 @@ def test_card_pick_through_gradio() -> None:
 
 def test_hires_visibility_through_gradio() -> None:
     demo, _ = build()
-    assert run_event(demo, "klora_txt2img_hires", ["separate"])[0]["visible"] is True
+    assert (
+        run_event(demo, "klora_txt2img_hires", ["separate"], "klora_txt2img_hires_group")[0]["visible"]
+        is True
+    )
+
+
+def test_method_visibility_through_gradio() -> None:
+    demo, _ = build()
+    e = "klora_txt2img_"
+    seed, dynamic = run_event(demo, e + "method", ["dynamic", "same", ui.SAME])
+    assert (seed["visible"], dynamic["visible"]) == (False, True)
+    seed, dynamic = run_event(demo, e + "hires_method", ["klora", "separate", "random"])
+    assert (seed["visible"], dynamic["visible"]) == (True, False)
+    seed, dynamic = run_event(demo, e + "hires", ["klora", "separate", "dynamic"], e + "dynamic_group")
+    assert (seed["visible"], dynamic["visible"]) == (False, True)
+
+
+def test_guidance_switch_through_gradio() -> None:
+    demo, _ = build()
+    (group,) = run_event(demo, "klora_txt2img_guidance", [True])
+    assert group["open"] is True and group["label"] == "Reference guidance (on)"
 
 
 # ---------------------------------------------------------------- infotext paste
@@ -358,17 +617,136 @@ def infotext_entries(params: KLoraParams) -> dict[str, str]:
     return {"Steps": "20", "Sampler": "Euler a", **params.to_infotext()}
 
 
-@pytest.mark.parametrize("params", [CUSTOM, KLoraParams(enabled=True, subject="a", style="b")])
+def uploads_of(params: KLoraParams, name: str) -> list[bytes] | None:
+    """What a reference box hands the script for the images of `params`: the files' bytes, or None."""
+    return [base64.b64decode(text) for text in getattr(params, name)] or None
+
+
+@pytest.mark.parametrize(
+    "params", [CUSTOM, KLoraParams(enabled=True, subject="a", style="b"), GUIDED, HIRES_DYNAMIC]
+)
 def test_paste_restores_every_field(params: KLoraParams) -> None:
     _, built = build()
     updates = paste_like_a1111(built, infotext_entries(params))
     assert all("value" in update for update in updates)
-    pasted = KLoraParams.from_any([update["value"] for update in updates])
+    field_of = {id(component): name for name, component in built.by_field.items()}
+    fields = [field_of[id(component)] for component, _ in built.infotext_fields]
+    assert fields == list(PASTED_FIELDS)
+    values = dict(zip(fields, [update["value"] for update in updates], strict=True))
+    # The upload boxes keep what the user put there; with the images of `params` the settings are complete.
+    values.update({name: uploads_of(params, name) for name in REFERENCE_FIELDS})
+    pasted = KLoraParams.from_any([values[name] for name in POSITIONAL_FIELDS])
     assert pasted.to_dict() == {**params.to_dict(), "beta": params.effective_beta}
 
 
-def test_paste_without_klora_disables_and_leaves_the_rest() -> None:
-    _, built = build(defaults=CUSTOM)
+def test_paste_brings_the_new_settings_into_their_controls() -> None:
+    _, built = build()
+    updates = paste_like_a1111(built, infotext_entries(GUIDED))
+    shown = {
+        str(key): update["value"] for (_, key), update in zip(built.infotext_fields, updates, strict=True)
+    }
+    assert shown["K-LoRA method"] == "dynamic"
+    assert shown["K-LoRA KL temperature"] == 0.35
+    assert shown["K-LoRA KL direction"] == "symmetric"
+    assert shown["K-LoRA KL per image"] is True and shown["K-LoRA KL hybrid"] is True
+    assert shown["K-LoRA guidance"] is True
+    assert shown["K-LoRA guidance every"] == 2 and shown["K-LoRA guidance iters"] == 3
+    assert shown["K-LoRA guidance decoder"] == "vae"
+    assert shown["K-LoRA CLIP"] == "ViT-L-14:openai"
+    assert shown["K-LoRA DINO"] == "vit_base_patch16_224.dino"
+
+
+def test_pasted_numbers_keep_their_arrow_step() -> None:
+    _, built = build()
+    updates = paste_like_a1111(built, infotext_entries(GUIDED))
+    by_name = {
+        key.field_name: (component, update)
+        for (component, key), update in zip(built.infotext_fields, updates, strict=True)
+    }
+    for name in ("alpha", "beta", "kl_temperature", "guidance_eta", "hires_alpha"):
+        component, update = by_name[name]
+        sent = update
+        if ui.GRADIO_MAJOR < 4:
+            # what gradio 3 sends the browser for this update (its Number.update would add step=1)
+            from gradio.blocks import postprocess_update_dict
+
+            sent = postprocess_update_dict(component, update, True)
+        assert sent.get("step", component.step) == component.step != 1, name
+    if ui.GRADIO_MAJOR >= 4:  # plain values there: Forge's API `infotext` casts them to the box's type
+        assert by_name["kl_temperature"][1] == {"__type__": "update", "value": 0.35}  # the helper's wrapping
+        key = next(key for _, key in built.infotext_fields if key.field_name == "kl_temperature")
+        assert key(infotext_entries(GUIDED)) == 0.35
+
+
+@pytest.mark.parametrize("params", [CUSTOM, GUIDED, HIRES_DYNAMIC])
+def test_api_infotext_reads_every_pasted_value(params: KLoraParams) -> None:
+    """A1111's and Forge's API `infotext` (api.py apply_infotext.get_field_value) on our paste targets."""
+    _, built = build()
+    entries = infotext_entries(params)
+    read: dict[str, Any] = {}
+    for component, key in built.infotext_fields:
+        value = key(entries)
+        target_type = type(component.value)
+        if value is None or target_type is type(None):
+            continue  # the host leaves the script argument at its default
+        if isinstance(value, dict) and value.get("__type__") == "generic_update":  # gradio 3's gr.update
+            value = value.get("value")
+        if value is not None and not isinstance(value, target_type):
+            value = target_type(value)  # a gradio 4 update dict here would raise
+        read[key.field_name] = value
+    assert read["kl_temperature"] == params.kl_temperature
+    assert read["guidance_eta"] == params.guidance_eta
+    assert read["guidance_every"] == params.guidance_every
+    assert read["clip_model"] == params.clip_model
+    assert not set(read) & set(REFERENCE_FIELDS)
+
+
+def test_paste_of_an_infotext_without_the_new_keys_resets_them() -> None:
+    # An older image (no KL / guidance keys) gives the defaults, as every other absent key does.
+    _, built = build(defaults=GUIDED)
+    updates = paste_like_a1111(built, infotext_entries(CUSTOM))
+    shown = {
+        str(key): update["value"] for (_, key), update in zip(built.infotext_fields, updates, strict=True)
+    }
+    defaults = KLoraParams()
+    assert shown["K-LoRA guidance"] is False
+    assert shown["K-LoRA KL temperature"] == defaults.kl_temperature
+    assert shown["K-LoRA guidance decoder"] == defaults.guidance_decoder
+    assert shown["K-LoRA CLIP"] == defaults.clip_model
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        infotext_entries(GUIDED),
+        infotext_entries(CUSTOM),
+        {"Steps": "20"},  # no K-LoRA: K-LoRA switches off, the uploads stay
+        {"K-LoRA": "same:same"},  # broken K-LoRA entries
+        {**infotext_entries(GUIDED), "K-LoRA style refs": base64.b64encode(STYLE_PNG).decode()},
+    ],
+)
+def test_paste_never_touches_the_reference_boxes(entries: dict[str, str]) -> None:
+    _, built = build()
+    targets = [component for component, _ in built.infotext_fields]
+    for name in REFERENCE_FIELDS:
+        # The host's paste (and "Send to img2img", and the API's `infotext`) only reaches listed targets.
+        assert all(component is not built.by_field[name] for component in targets)
+        assert ui.infotext_key(name) is None
+        assert name not in [key.field_name for _, key in built.infotext_fields]
+    updates = paste_like_a1111(built, entries)
+    assert len(updates) == len(POSITIONAL_FIELDS) - len(REFERENCE_FIELDS)
+
+
+def test_paste_value_leaves_references_alone() -> None:
+    for params in (GUIDED, None):
+        for name in REFERENCE_FIELDS:
+            assert ui.paste_value(params, name) is ui._NO_CHANGE
+            assert ui.ui_value(GUIDED, name) is None  # a box shows files, never base64 text
+
+
+@pytest.mark.parametrize("defaults", [CUSTOM, GUIDED])
+def test_paste_without_klora_disables_and_leaves_the_rest(defaults: KLoraParams) -> None:
+    _, built = build(defaults=defaults)
     updates = paste_like_a1111(built, {"Steps": "20"})
     assert updates[0]["value"] is False
     assert all("value" not in update for update in updates[1:])
@@ -400,15 +778,104 @@ def test_paste_field_names_send_every_field_to_the_other_tab() -> None:
     _, txt = build(False)
     _, img = build(True)
     names = txt.paste_field_names
-    assert len(names) == len(set(names)) == len(POSITIONAL_FIELDS)
+    assert len(names) == len(set(names)) == len(PASTED_FIELDS)
     assert names[0] == "K-LoRA"
     # A1111's "Send to img2img" copies fields whose name is listed, source and target in the same order
     source = [c for c, name in txt.infotext_fields if name in names]
     target = [c for c, name in img.infotext_fields if name in names]
-    assert source == txt.components and target == img.components
+    assert source == [txt.by_field[name] for name in PASTED_FIELDS]
+    assert target == [img.by_field[name] for name in PASTED_FIELDS]
+    # The upload boxes are not copied: a gr.File cannot take the bytes it hands out back as its value.
+    for name in REFERENCE_FIELDS:
+        assert all(c is not txt.by_field[name] for c in source)
+        assert all(c is not img.by_field[name] for c in target)
     for _, key in txt.infotext_fields:
         assert isinstance(key, str) and callable(key)
         assert {key: 1}[str(key)] == 1  # hashes as its text (the host builds dicts keyed by it)
+
+
+# ---------------------------------------------------------------- reference uploads
+
+
+def upload_payload(paths: list[Path]) -> list[dict[str, Any]]:
+    """What the browser sends for a multiple-file box after uploading `paths`, in each gradio's format."""
+    if ui.GRADIO_MAJOR >= 4:
+        return [
+            {
+                "path": str(p),
+                "orig_name": p.name,
+                "size": p.stat().st_size,
+                "meta": {"_type": "gradio.FileData"},
+            }
+            for p in paths
+        ]
+    return [
+        {"name": str(p), "orig_name": p.name, "size": p.stat().st_size, "data": None, "is_file": True}
+        for p in paths
+    ]
+
+
+def test_upload_values_reach_the_model_as_bytes_through_gradio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gradio 4 only reads files from its upload folder (where the browser's upload put them).
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    style = tmp_path / "style.png"
+    style.write_bytes(STYLE_PNG)
+    subject = [tmp_path / "subject one.png", tmp_path / "subject_2.png"]
+    subject[0].write_bytes(SUBJECT_PNG)
+    subject[1].write_bytes(STYLE_PNG)
+
+    received: list[tuple[Any, ...]] = []
+    with gr.Blocks() as demo:
+        built = ui.build_ui(False, lambda: NAMES, GUIDED)
+        probe = gr.Button(elem_id="probe_generate")
+        probe.click(fn=lambda *args: received.append(args), inputs=built.components, outputs=[])
+    inputs = [component.value for component in built.components]
+    index = POSITIONAL_FIELDS.index
+    inputs[index("style_refs")] = upload_payload([style])
+    inputs[index("subject_refs")] = upload_payload(subject)
+    run_event(demo, "probe_generate", inputs)
+
+    (args,) = received
+    refs = {name: args[index(name)] for name in REFERENCE_FIELDS}
+    assert refs == {"style_refs": [STYLE_PNG], "subject_refs": [SUBJECT_PNG, STYLE_PNG]}
+    assert all(type(item) is bytes for images in refs.values() for item in images)
+    assert KLoraParams.from_any(list(args)).to_dict() == {**GUIDED.to_dict(), "beta": 1.3}
+
+
+def test_empty_upload_boxes_reach_the_model_as_no_references() -> None:
+    received: list[tuple[Any, ...]] = []
+    with gr.Blocks() as demo:
+        built = ui.build_ui(False, lambda: NAMES, CUSTOM)
+        probe = gr.Button(elem_id="probe_generate")
+        probe.click(fn=lambda *args: received.append(args), inputs=built.components, outputs=[])
+    run_event(demo, "probe_generate", [component.value for component in built.components])
+    (args,) = received
+    assert [args[POSITIONAL_FIELDS.index(name)] for name in REFERENCE_FIELDS] == [None, None]
+    params = KLoraParams.from_any(list(args))
+    assert params.style_refs == params.subject_refs == ()
+
+
+def test_ui_value_of_uploads_passes_through_the_model() -> None:
+    _, built = build()
+    values = values_of(built)
+    values[POSITIONAL_FIELDS.index("style_refs")] = [STYLE_PNG]
+    values[POSITIONAL_FIELDS.index("subject_refs")] = [bytearray(SUBJECT_PNG), STYLE_PNG]
+    params = KLoraParams.from_any(values)
+    assert params.style_refs == (base64.b64encode(STYLE_PNG).decode("ascii"),)
+    assert [base64.b64decode(text) for text in params.subject_refs] == [SUBJECT_PNG, STYLE_PNG]
+    assert json.loads(json.dumps(params.to_dict()))["style_refs"] == list(params.style_refs)  # JSON-able
+
+
+def test_an_upload_that_is_not_an_image_names_the_field() -> None:
+    _, built = build()
+    values = values_of(built)
+    values[POSITIONAL_FIELDS.index("subject_refs")] = [SUBJECT_PNG, b"%PDF-1.4 not an image"]
+    with pytest.raises(ui.ParamsError) as info:
+        KLoraParams.from_any(values)
+    assert info.value.fields == ("subject_refs",)
+    assert "image 2" in str(info.value)
 
 
 # ---------------------------------------------------------------- the JavaScript side
@@ -423,6 +890,18 @@ def test_help_data_carries_field_help() -> None:
 
     assert json.loads(html.unescape(match.group(1))) == FIELD_HELP
     assert set(FIELD_HELP) == set(POSITIONAL_FIELDS)  # every control gets hover help
+
+
+@pytest.mark.parametrize("is_img2img", [False, True])
+def test_every_help_text_finds_its_control(is_img2img: bool) -> None:
+    # klora.js looks each FIELD_HELP key up as "klora_" + tab + "_" + key
+    _, built = build(is_img2img)
+    tab = "img2img" if is_img2img else "txt2img"
+    for name in FIELD_HELP:
+        assert built.by_field[name].elem_id == f"klora_{tab}_{name}"
+    for name in NEW_FIELDS:
+        assert FIELD_HELP[name]
+    assert "Not stored in the infotext" in FIELD_HELP["style_refs"]
 
 
 def test_javascript_uses_the_ids_the_ui_builds() -> None:
