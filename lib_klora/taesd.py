@@ -25,7 +25,11 @@ from .lora_file import PICKLE_SUFFIXES
 LATENT_CHANNELS = 4
 WIDTH = 64
 # Public file names (github.com/madebyollin/taesd); the WebUI keeps the .pth twins in models/VAE-taesd.
-DECODER_FILES = {"sd": "taesd_decoder.safetensors", "sdxl": "taesdxl_decoder.safetensors"}
+DECODER_FILES = {
+    "sd": "taesd_decoder.safetensors",
+    "sdxl": "taesdxl_decoder.safetensors",
+    "flux": "taef1_decoder.safetensors",  # 16 latent channels (Forge's FLUX)
+}
 
 
 class TaesdError(KLoraError):

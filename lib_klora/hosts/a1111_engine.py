@@ -465,15 +465,6 @@ def pass_choices(job: Job, record: PassRecord) -> tuple[list[list[int]], tuple[s
     return job.dynamic.selector.table(record.label).tolist(), DYNAMIC_LABELS
 
 
-def dynamic_title(params: KLoraParams) -> str:
-    options = [f"KL {params.kl_direction}", f"T={params.kl_temperature:g}"]
-    if params.kl_per_sample:
-        options.append("per image")
-    if params.kl_hybrid:
-        options.append(f"hybrid {params.pattern}")
-    return f"dynamic ({', '.join(options)})"
-
-
 def restore_layers(nets: Any, modules: Sequence[torch.nn.Module]) -> int:
     """Put back the pristine weights of every layer a job touched, from Lora's own backups."""
     restored = 0

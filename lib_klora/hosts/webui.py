@@ -1,0 +1,378 @@
+"""Glue shared by every WebUI host (A1111, Forge, reForge): their common `modules` API.
+
+The settings section, the accordion, parameters of a job (tag > X/Y/Z > UI/API), the `<klora>` tag, the
+HTTP routes and validator, selection maps and the guidance models. Host specifics live in `a1111.py` and
+`forge.py`; nothing here touches layers or samplers.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from modules import devices, extra_networks, paths, scripts, shared
+
+from .. import __version__
+from ..cache import ScoreCache
+from ..cli import map_title
+from ..errors import KLoraError
+from ..guidance import Decode
+from ..guidance_run import GuidanceModels, GuidanceRun
+from ..params import KLoraParams, ParamsError
+from ..plan import FusionPlan, PlanSettings
+from ..prompt_tag import find_extra_networks, find_tags, params_from_tag
+from ..selection_map import render_selection_map
+from .a1111_engine import resolve_lora
+
+TITLE = "K-LoRA"
+NOTE_KEY = "K-LoRA note"
+SETTINGS_SECTION = ("klora", "K-LoRA")
+EXTRA_NETWORK_TAG = re.compile(r"<\w+:[^>]*>")
+
+score_cache = ScoreCache()
+guidance_models = GuidanceModels(Path(paths.models_path) / "klora")
+taesd_decoders: dict[str, Any] = {}  # private differentiable TAESD copies, by latent kind
+
+
+def opt(name: str, default: Any) -> Any:
+    return getattr(shared.opts, name, default)
+
+
+def networks_module() -> Any:
+    """The built-in Lora extension's `networks` module (A1111, Forge and reForge all name it so)."""
+    module = sys.modules.get("networks")
+    if module is not None and hasattr(module, "available_networks") and hasattr(module, "load_networks"):
+        return module
+    return None
+
+
+def lora_names() -> list[str]:
+    nets = networks_module()
+    if nets is None:
+        return []
+    if not nets.available_networks:
+        nets.list_available_networks()
+    return sorted(nets.available_networks, key=str.lower)
+
+
+def lora_exists(name: str) -> bool:
+    nets = networks_module()
+    if nets is None:
+        return False
+    try:
+        resolve_lora(nets, name)
+    except KLoraError:
+        return False
+    return True
+
+
+def lora_file(name: str) -> str:
+    nets = networks_module()
+    if nets is None:
+        raise KLoraError("K-LoRA: the built-in Lora extension is not loaded (is it disabled?)")
+    return resolve_lora(nets, name).filename
+
+
+def score_device() -> Any:
+    choice = opt("klora_score_device", "auto")
+    return devices.device if choice == "auto" else choice
+
+
+# ---------------------------------------------------------------- parameters of one job
+
+
+def job_params(p: Any, args: tuple) -> tuple[KLoraParams | None, KLoraParams | None]:
+    """First-pass and hires-pass params (None = off): tag > X/Y/Z > UI/API args.
+
+    Raises ParamsError on bad input. As with <lora> tags, a tag in the hires prompt controls the
+    hires pass; without tags the accordion's "apply to hires pass" setting decides.
+    """
+    base = KLoraParams.from_any(list(args))
+    overrides = getattr(p, "_klora_xyz", None)
+    if overrides:
+        base = base.with_overrides(overrides)
+    first_tags = find_tags(first_prompt(p))
+    first = params_from_tag(*first_tags[0], base) if first_tags else (base if base.enabled else None)
+    hires = None
+    if getattr(p, "enable_hr", False):
+        hr_prompts = getattr(p, "all_hr_prompts", None) or [getattr(p, "hr_prompt", "") or ""]
+        hr_tags = find_tags(hr_prompts[0] or "")
+        if hr_tags:
+            hires = params_from_tag(*hr_tags[0], first or base)
+        elif first is not None and not first_tags:
+            hires = first.for_pass(is_hires=True)
+    if (
+        hires is not None
+        and first is not None
+        and (hires.subject, hires.style) != (first.subject, first.style)
+    ):
+        raise ParamsError("K-LoRA: the hires prompt's <klora> tag must name the same subject and style LoRAs")
+    return first, hires
+
+
+def stop_job(p: Any, message: str) -> None:
+    """Script hooks cannot stop a job by raising (the host catches and logs), but `p.sample` is called
+    outside those guards: replacing it makes the job end with this message, before any sampling."""
+    print(message)
+    p.comment(message)
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise KLoraError(message)
+
+    p.sample = refuse
+
+
+def first_prompt(p: Any) -> str:
+    return (getattr(p, "all_prompts", None) or [p.prompt])[0] or ""
+
+
+def prepare_job(p: Any, pair: KLoraParams) -> None:
+    """What every host does once a job is set up: warnings, per-job conditioning cache, infotext."""
+    lora_tags = [pos for name, pos, _ in find_extra_networks(first_prompt(p)) if name == "lora"]
+    for positional in lora_tags:
+        if positional and positional[0] in (pair.subject, pair.style):
+            p.comment(f"K-LoRA: '{positional[0]}' is also in a <lora> tag, so it is applied twice")
+    # The text-encoder cache is class-level and keyed without script args: bind per-job lists.
+    p.cached_c, p.cached_uc = [None, None], [None, None]
+    if hasattr(p, "cached_hr_c"):
+        p.cached_hr_c, p.cached_hr_uc = [None, None], [None, None]
+    p.extra_generation_params.update(pair.to_infotext())
+
+
+class KLoraScriptBase(scripts.Script):
+    """Title, visibility and accordion; each host adds its processing hooks."""
+
+    sorting_priority = 15
+
+    def title(self) -> str:
+        return TITLE
+
+    def show(self, is_img2img: bool) -> Any:
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool) -> list:
+        from ..ui import build_ui
+
+        defaults = KLoraParams(
+            pattern=opt("klora_default_pattern", "s"), show_map=opt("klora_show_map", False)
+        )
+        built = build_ui(is_img2img, lora_names, defaults)
+        self.infotext_fields = built.infotext_fields
+        self.paste_field_names = built.paste_field_names
+        return built.components
+
+
+def dynamic_title(params: KLoraParams) -> str:
+    options = [f"KL {params.kl_direction}", f"T={params.kl_temperature:g}"]
+    if params.kl_per_sample:
+        options.append("per image")
+    if params.kl_hybrid:
+        options.append(f"hybrid {params.pattern}")
+    return f"dynamic ({', '.join(options)})"
+
+
+def add_selection_maps(
+    processed: Any,
+    job: Any,
+    pass_choices: Callable[[Any, Any], tuple[list[list[int]], tuple[str, ...]]],
+) -> None:
+    """Append one selection map per pass (when asked for) to the outputs."""
+    if not any(params is not None and params.show_map for params in (job.params, job.hires_params)):
+        return
+    names = [layer.canonical for layer in job.table.layers]
+    for record in job.passes:
+        if record.schedule is None:
+            title = f"{record.label}: {dynamic_title(record.params)}"
+        else:
+            plan: FusionPlan = job.plan_for(record.params)
+            title = f"{record.label}: {map_title(plan)}"
+        choices, labels = pass_choices(job, record)
+        processed.images.append(render_selection_map(names, choices, labels, title))
+        processed.infotexts.append(f"K-LoRA selection map, {title}")
+
+
+def evals_per_step(denoiser: Any) -> int:
+    """Model evaluations per sampler step: 2 for second-order samplers (Heun, DPM2, DPM++ 2S/SDE ...)."""
+    config = getattr(getattr(denoiser, "sampler", None), "config", None)
+    return 2 if bool(getattr(config, "options", {}).get("second_order", False)) else 1
+
+
+def report_failure(p: Any, job: Any, exc: BaseException) -> None:
+    job.failed = str(exc) or type(exc).__name__
+    message = f"K-LoRA was switched off for this image: {job.failed}"
+    print(message)
+    if not isinstance(exc, KLoraError):
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    p.comment(message)
+
+
+# ---------------------------------------------------------------- guidance
+
+
+def build_guidance(params: KLoraParams, prompt: str, decode: Decode) -> GuidanceRun:
+    """Guidance models and reference embeddings for one job (call outside inference mode)."""
+    shared.state.textinfo = "K-LoRA: loading guidance models"
+
+    def progress(text: str) -> None:
+        shared.state.textinfo = f"K-LoRA: {text}"
+        print(f"K-LoRA: {text}")
+
+    return GuidanceRun.build(
+        params,
+        guidance_models,
+        decode,
+        prompt=EXTRA_NETWORK_TAG.sub("", prompt),
+        device=devices.device,
+        progress=progress,
+    )
+
+
+def latent_kind() -> str:
+    model = shared.sd_model
+    if getattr(model, "is_sd3", False):
+        raise KLoraError(
+            "TAESD guidance supports SD1/SD2, SDXL and FLUX latents; use the 'vae' decoder for SD3"
+        )
+    legacy = getattr(model, "is_webui_legacy_model", None)  # Forge: False for FLUX and other new models
+    if callable(legacy) and not legacy():
+        return "flux"
+    return "sdxl" if getattr(model, "is_sdxl", False) else "sd"
+
+
+def taesd_decoder() -> Any:
+    """A private, differentiable TAESD decoder for the current model on the WebUI's device, built outside
+    inference mode: from models/klora (safetensors), else from the WebUI's own live-preview decoder."""
+    from ..taesd import DECODER_FILES, load_taesd_decoder
+
+    kind = latent_kind()
+    decoder = taesd_decoders.get(kind)
+    if decoder is None:
+        local = guidance_models.weights_dir / DECODER_FILES[kind]
+        if local.is_file():
+            decoder = load_taesd_decoder(local)
+        else:
+            from modules import sd_vae_taesd
+
+            host_file = DECODER_FILES[kind].replace(".safetensors", ".pth")
+            try:  # the WebUI's own loader (and download) of the live-preview decoder
+                host_decoder = sd_vae_taesd.decoder_model()
+            except Exception as exc:
+                host_dir = Path(paths.models_path) / "VAE-taesd"
+                raise KLoraError(
+                    f"no TAESD decoder for guidance ({type(exc).__name__}: {exc}). Put "
+                    f"{DECODER_FILES[kind]} into {guidance_models.weights_dir}, or {host_file} into "
+                    f"{host_dir} (both from https://github.com/madebyollin/taesd); or use the 'vae' decoder"
+                ) from exc
+            decoder = load_taesd_decoder(state_dict=host_decoder.state_dict())
+        taesd_decoders[kind] = decoder
+    decoder.to(devices.device)
+    return decoder
+
+
+def end_guidance(job: Any) -> None:
+    """Guidance is over for this job; models go to the CPU when the setting says so."""
+    job.guidance = None
+    if opt("klora_guidance_offload", True):
+        guidance_models.offload()
+        for decoder in taesd_decoders.values():
+            decoder.to("cpu")
+        devices.torch_gc()
+
+
+def guidance_off(p: Any, job: Any, reason: str) -> None:
+    message = f"K-LoRA: {reason}"
+    print(message)
+    p.comment(message)  # shown under the images in the UI
+    # API clients see only the infotext; from_infotext ignores this key, so pasting still works.
+    p.extra_generation_params[NOTE_KEY] = reason
+    end_guidance(job)
+
+
+# ---------------------------------------------------------------- settings, tag, API
+
+
+def on_ui_settings() -> None:
+    options = {
+        "klora_score_device": shared.OptionInfo(
+            "auto",
+            "Device for K-LoRA scoring",
+            gr.Dropdown,
+            {"choices": ["auto", "cpu"]},
+            section=SETTINGS_SECTION,
+        ).info("auto = the WebUI's device; scores are computed once per LoRA pair and cached"),
+        "klora_cache_entries": shared.OptionInfo(
+            16,
+            "LoRA pairs whose scores stay cached",
+            gr.Slider,
+            {"minimum": 0, "maximum": 256, "step": 1},
+            section=SETTINGS_SECTION,
+        ),
+        "klora_default_pattern": shared.OptionInfo(
+            "s", "Default time-scale pattern", gr.Radio, {"choices": ["s", "s*"]}, section=SETTINGS_SECTION
+        ).info("s: subject early, style late (paper); s*: style first (official code's default, FLUX)"),
+        "klora_show_map": shared.OptionInfo(
+            False, "Add the selection map to outputs by default", section=SETTINGS_SECTION
+        ),
+        "klora_guidance_offload": shared.OptionInfo(
+            True,
+            "Move guidance models (CLIP, DINO, TAESD) to the CPU between generations",
+            section=SETTINGS_SECTION,
+        ).info("frees GPU memory; off keeps them on the GPU for faster repeated guided generations"),
+    }
+    for key, info in options.items():
+        shared.opts.add_option(key, info)
+    score_cache.max_entries = int(opt("klora_cache_entries", 16))
+
+
+class ExtraNetworkKLora(extra_networks.ExtraNetwork):
+    """Registers the `klora` tag name; the script reads the tags from the prompts itself in `process`,
+    where a bad tag can still stop the job (activation errors are only logged by the host)."""
+
+    def __init__(self) -> None:
+        super().__init__("klora")
+
+    def activate(self, p: Any, params_list: list) -> None:
+        pass
+
+    def deactivate(self, p: Any) -> None:
+        pass
+
+
+def on_before_ui() -> None:
+    extra_networks.register_extra_network(ExtraNetworkKLora())
+    from . import xyz
+
+    xyz.register_xyz_axes(xyz.find_xyz_module(scripts), lambda: lora_names())
+
+
+PlanForNames = Callable[[str, str, PlanSettings], FusionPlan]
+
+
+def plan_for_names(subject: str, style: str, settings: PlanSettings) -> FusionPlan:
+    """The `/klora/v1/plan` route's plan: the LoRA files read by this extension's own reader."""
+    from ..engine import plan_from_files
+
+    files = [lora_file(name) for name in (subject, style)]
+    return plan_from_files(*files, settings, device=score_device(), cache=score_cache)
+
+
+def make_app_started(plan_for_names: PlanForNames = plan_for_names) -> Callable[[Any, Any], None]:
+    def on_app_started(_demo: Any, app: Any) -> None:
+        from .. import api
+
+        api.register_routes(app, version=__version__, plan_for_names=plan_for_names)
+        credentials = getattr(shared.cmd_opts, "api_auth", None)
+        # With --api-auth, unauthenticated requests must get the host's 401, not our 422 (pitfall P7).
+        authorize = (
+            api.basic_auth_checker(dict(c.split(":", 1) for c in credentials.split(",") if ":" in c))
+            if credentials
+            else None
+        )
+        api.install_request_validator(app, script_title=TITLE, resolve_lora=lora_exists, authorize=authorize)
+
+    return on_app_started
