@@ -193,6 +193,19 @@ def _keep_if_listed(value: Any, names: Sequence[str]) -> str:
     return value if isinstance(value, str) and value in names else ""
 
 
+NO_LORA_LABEL = "(none)"
+
+
+def lora_choices(names: Sequence[str]) -> list[Any]:
+    """The LoRA dropdowns' choices: an explicit empty choice first, then the names.
+
+    gradio 4 replaces an empty value that is not among the choices with the first choice when the page
+    loads, which would silently pick a LoRA; with "" listed, an untouched dropdown stays empty.
+    """
+    empty: Any = (NO_LORA_LABEL, "") if _LABELLED_CHOICES else ""
+    return [empty, *names]
+
+
 def refresh_lora_choices(subject: Any, style: Any, names: Sequence[str]) -> tuple[dict, dict]:
     """Updates for the subject and style dropdowns after the LoRA list was re-read.
 
@@ -200,8 +213,8 @@ def refresh_lora_choices(subject: Any, style: Any, names: Sequence[str]) -> tupl
     """
     names = list(names)
     return (
-        gr.update(choices=names, value=_keep_if_listed(subject, names)),
-        gr.update(choices=names, value=_keep_if_listed(style, names)),
+        gr.update(choices=lora_choices(names), value=_keep_if_listed(subject, names)),
+        gr.update(choices=lora_choices(names), value=_keep_if_listed(style, names)),
     )
 
 
@@ -228,8 +241,8 @@ def apply_card_pick(payload: Any, subject: Any, style: Any, names: Sequence[str]
     else:
         style = name
     return (
-        gr.update(choices=names, value=_keep_if_listed(subject, names)),
-        gr.update(choices=names, value=_keep_if_listed(style, names)),
+        gr.update(choices=lora_choices(names), value=_keep_if_listed(subject, names)),
+        gr.update(choices=lora_choices(names), value=_keep_if_listed(style, names)),
         gr.update(value=True),
     )
 
@@ -502,7 +515,7 @@ def build_ui(
     def name_dropdown(name: str) -> Any:
         # Custom values let a pasted or configured name of a LoRA not on this machine still show
         # (the generation then reports it); gradio 4 would otherwise reject a value outside choices.
-        return _dropdown(name, value(name) or "", names, is_img2img, allow_custom_value=True)
+        return _dropdown(name, value(name) or "", lora_choices(names), is_img2img, allow_custom_value=True)
 
     with gr.Accordion("K-LoRA", open=False, elem_id=eid("accordion")) as accordion:
         extras["accordion"] = accordion

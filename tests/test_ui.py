@@ -353,7 +353,7 @@ def test_lora_dropdowns_list_the_names_and_start_empty() -> None:
     _, built = build()
     for name in ("subject", "style"):
         component = built.by_field[name]
-        assert choice_values(component) == NAMES
+        assert choice_values(component) == ["", *NAMES]  # an explicit empty choice keeps gradio 4 empty
         assert component.value == ""
 
 
@@ -365,7 +365,7 @@ def test_lora_dropdowns_show_a_configured_name() -> None:
 
 def test_empty_lora_list_builds() -> None:
     _, built = build(names=[])
-    assert built.by_field["subject"].choices == []
+    assert choice_values(built.by_field["subject"]) == [""]
 
 
 def test_strength_sliders_cover_zero_to_two() -> None:
@@ -380,7 +380,7 @@ def test_strength_sliders_cover_zero_to_two() -> None:
 
 def test_refresh_keeps_values_still_listed() -> None:
     subject, style = ui.refresh_lora_choices("alpha_dog", "removed", ["alpha_dog", "new_one"])
-    assert subject["choices"] == style["choices"] == ["alpha_dog", "new_one"]
+    assert subject["choices"] == style["choices"] == ui.lora_choices(["alpha_dog", "new_one"])
     assert subject["value"] == "alpha_dog"
     assert style["value"] == ""
 
@@ -397,7 +397,7 @@ def test_card_pick_sets_the_dropdown_and_enables(role: str) -> None:
     picked, other = (subject, style) if role == "subject" else (style, subject)
     assert picked["value"] == "gamma ink"
     assert other["value"] == ("beta_style" if role == "subject" else "alpha_dog")
-    assert subject["choices"] == NAMES and style["choices"] == NAMES
+    assert subject["choices"] == ui.lora_choices(NAMES) and style["choices"] == ui.lora_choices(NAMES)
     assert enabled["value"] is True
 
 
@@ -554,7 +554,8 @@ def test_refresh_button_through_gradio() -> None:
     names[:] = ["alpha_dog", "delta"]
     subject, style = run_event(demo, "klora_txt2img_refresh", ["alpha_dog", "beta_style"])
     assert subject["value"] == "alpha_dog" and style["value"] == ""
-    assert [c[0] if isinstance(c, (list, tuple)) else c for c in subject["choices"]] == ["alpha_dog", "delta"]
+    values = [c[1] if isinstance(c, (list, tuple)) else c for c in subject["choices"]]
+    assert values == ["", "alpha_dog", "delta"]
 
 
 def test_card_pick_through_gradio() -> None:
@@ -916,3 +917,8 @@ def test_javascript_uses_the_ids_the_ui_builds() -> None:
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_javascript_parses() -> None:
     subprocess.run(["node", "--check", str(ROOT / "javascript" / "klora.js")], check=True)
+
+
+def test_the_empty_lora_choice_is_labelled_on_gradio_4() -> None:
+    first = ui.lora_choices(["a"])[0]
+    assert first == ((ui.NO_LORA_LABEL, "") if ui.GRADIO_MAJOR >= 4 else "")
