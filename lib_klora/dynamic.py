@@ -374,7 +374,99 @@ class DenseBranch:
         return self.delta(x, out.dtype).add_(out)
 
 
-Branch = LowRankBranch | DenseBranch
+class SlicedBranch:
+    """Deltas of parts of a fused layer's outputs (FLUX: one LoRA per q, k, v of a fused qkv linear).
+
+    `parts` are (branch, start, size) along the output channels; channels no part covers get no delta.
+    """
+
+    def __init__(self, out_features: int, parts: list[tuple[LowRankBranch | DenseBranch, int, int]]) -> None:
+        if not parts:
+            raise ValueError("a sliced branch needs at least one part")
+        for branch, start, size in parts:
+            if branch.is_conv or start < 0 or size <= 0 or start + size > out_features:
+                raise ValueError(f"bad slice {start}:{start + size} of {out_features} output features")
+        self.out_features = int(out_features)
+        self.parts = parts
+        self.conv = None
+
+    @property
+    def is_conv(self) -> bool:
+        return False
+
+    def delta(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        out_dtype = out_dtype or x.dtype
+        out = x.new_zeros((*x.shape[:-1], self.out_features), dtype=out_dtype)
+        for branch, start, size in self.parts:
+            out[..., start : start + size] += branch.delta(x, out_dtype)
+        return out
+
+    def add_into(self, out: Tensor, x: Tensor) -> Tensor:
+        if not _can_write(out):
+            return self.delta(x, out.dtype).add_(out)
+        for branch, start, size in self.parts:
+            out[..., start : start + size] += branch.delta(x, out.dtype)
+        return out
+
+
+Branch = LowRankBranch | DenseBranch | SlicedBranch
+BOTH = 2  # a schedule's "both" choice (the merge baseline)
+
+
+class FusionSelector:
+    """Serves hooks that apply every method on the activation side (Forge, reForge): per pass, either a
+    precomputed schedule (K-LoRA and the baselines; `lookup` reads it) or the `dynamic` selector.
+    """
+
+    def __init__(self, layer_count: int, dynamic: DynamicSelector | None = None) -> None:
+        self.layer_count = int(layer_count)
+        self.dynamic = dynamic
+        self._choices: Tensor | None = None  # uint8 [layers, steps] of a static pass
+        self._column: list[int] = []
+        self._step = 0
+        self.mode: Literal["static", "dynamic", "off"] = "off"
+
+    @property
+    def per_sample(self) -> bool:
+        return self.mode == "dynamic" and self.dynamic is not None and self.dynamic.per_sample
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.dynamic.max_tokens if self.dynamic is not None else DEFAULT_MAX_TOKENS
+
+    def begin_static_pass(self, choices: Tensor) -> None:
+        if choices.shape[0] != self.layer_count:
+            raise ValueError(f"schedule has {choices.shape[0]} layers, the hooks {self.layer_count}")
+        self.mode, self._choices, self._step = "static", choices.to("cpu", torch.uint8), -1
+        self.set_step(0)
+
+    def begin_dynamic_pass(self, pass_key: Hashable, steps: int) -> None:
+        if self.dynamic is None:
+            raise ValueError("this job has no dynamic selector")
+        self.mode = "dynamic"
+        self.dynamic.begin_pass(pass_key, steps)
+
+    def set_step(self, step: int) -> None:
+        if self.mode == "dynamic":
+            assert self.dynamic is not None
+            self.dynamic.set_step(step)
+        elif self.mode == "static" and step != self._step:
+            assert self._choices is not None
+            self._step = step
+            column = min(max(step, 0), self._choices.shape[1] - 1)
+            self._column = self._choices[:, column].tolist()
+
+    def lookup(self, layer_index: int) -> int | None:
+        if self.mode == "static":
+            return self._column[layer_index]
+        assert self.dynamic is not None
+        return self.dynamic.lookup(layer_index)
+
+    def decide(
+        self, layer_index: int, base_out: Tensor, delta_subject: Tensor, delta_style: Tensor, channel_dim: int
+    ) -> Tensor:
+        assert self.dynamic is not None and self.mode == "dynamic"
+        return self.dynamic.decide(layer_index, base_out, delta_subject, delta_style, channel_dim)
 
 
 # ---------------------------------------------------------------- selector
@@ -631,7 +723,7 @@ def _hook_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
 def install_hooks(
     modules: Mapping[str, nn.Module],
     branches: Mapping[str, tuple[Branch | None, Branch | None]],
-    selector: DynamicSelector,
+    selector: DynamicSelector | FusionSelector,
     layer_index: Mapping[str, int],
     is_live: Callable[[], bool],
     *,
@@ -678,7 +770,7 @@ def _make_hook(
     subject: Branch | None,
     style: Branch | None,
     index: int | None,
-    selector: DynamicSelector,
+    selector: DynamicSelector | FusionSelector,
     is_live: Callable[[], bool],
     in_place: bool = False,
 ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Tensor | None]:
@@ -703,7 +795,9 @@ def _make_hook(
             return add(only, x, out)
         assert index is not None
         known = selector.lookup(index)
-        if known is not None:  # a later call of this step: only the chosen delta is needed
+        if known == BOTH:  # the merge baseline: both deltas
+            return add(style, x, add(subject, x, out))
+        if known is not None:  # a later call of this step, or a schedule: only the chosen delta is needed
             return add(subject if known == SUBJECT else style, x, out)
         channel_dim = 1 if subject.is_conv else -1
         if out.device.type in _SYNC_FREE_DEVICES and not selector.per_sample:

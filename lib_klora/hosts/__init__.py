@@ -18,13 +18,14 @@ def detect_host() -> str:
 
 
 def load_script_class() -> type:
+    """The script class of the running WebUI, with its callbacks registered (called once, at import)."""
     host = detect_host()
-    if host != "a1111":
-        raise ImportError(
-            f"sd-webui-klora: this WebUI looks like {host}, which this release does not support yet "
-            "(AUTOMATIC1111 v1.10 only); K-LoRA stays inactive"
-        )
-    from . import a1111
+    if host == "a1111":
+        from . import a1111
 
-    a1111.register_callbacks()
-    return a1111.KLoraScript
+        a1111.register_callbacks()
+        return a1111.KLoraScript
+    from . import forge
+
+    forge.register_callbacks(host)
+    return forge.KLoraScript

@@ -1,0 +1,326 @@
+"""Forge (lllyasviel, `backend/`) and reForge (Panchovix, `ldm_patched`) glue.
+
+Both hosts keep LoRAs in ComfyUI-style model patchers. K-LoRA reads the two LoRAs through the host's own key
+maps and adds the chosen low-rank delta with forward hooks on the host's layers (`patcher_engine`); the text
+encoder gets the policy's LoRAs through a clone of the host's clip patcher; reference guidance runs as the
+unet patcher's post-CFG function, whose input is x̂0 for every sampler. The two hosts differ only in the
+functions of `ForgeApi` / `ReForgeApi`.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from modules import script_callbacks, shared
+
+from ..errors import KLoraError
+from ..params import KLoraParams, ParamsError
+from ..scores import ScoringInterrupted
+from . import patcher_engine as engine
+from . import webui
+
+
+class ForgeApi:
+    """lllyasviel/stable-diffusion-webui-forge (mirrors commit dfdcbab): `backend.patcher.lora`."""
+
+    name = "forge"
+
+    def load_file(self, filename: str) -> dict[str, torch.Tensor]:
+        from backend.utils import load_torch_file
+
+        return load_torch_file(filename, safe_load=True)
+
+    def unet_patches(self, unet: Any, lora: dict) -> dict:
+        from backend.patcher.lora import load_lora, model_lora_keys_unet
+
+        return load_lora(lora, model_lora_keys_unet(unet.model, {}))[0]  # a fresh dict: the default is shared
+
+    def clip_patches(self, clip: Any, lora: dict) -> dict:
+        from backend.patcher.lora import load_lora, model_lora_keys_clip
+
+        return load_lora(lora, model_lora_keys_clip(clip.cond_stage_model, {}))[0]
+
+    def decode(self, value: Any) -> engine.LowRankFactors | None:
+        if isinstance(value, tuple) and len(value) == 2 and value[0] == "lora":
+            up, down, alpha, mid, dora_scale = value[1][:5]
+            if mid is None and dora_scale is None:
+                return engine.LowRankFactors(up, down, None if alpha is None else float(alpha))
+        return None
+
+    def dense(self, value: Any, key: str, zeros: torch.Tensor) -> torch.Tensor:
+        from backend.patcher.lora import merge_lora_to_weight
+
+        return merge_lora_to_weight([[1.0, value, 1.0, None, None]], zeros, key, torch.float32)
+
+    def add_clip_patches(self, clip: Any, patches: dict, strength: float, label: str) -> Any:
+        clip.add_patches(filename=label, patches=patches, strength_patch=strength, online_mode=False)
+        return clip
+
+    def get_attr(self, obj: Any, name: str) -> Any:
+        from backend.utils import get_attr
+
+        return get_attr(obj, name)
+
+    def vae_decoder(self, p: Any) -> Any:
+        """A private, differentiable copy of the checkpoint's VAE (built outside inference mode)."""
+        source = p.sd_model.forge_objects.vae.first_stage_model
+        with torch.inference_mode(False):
+            vae = copy.deepcopy(source).float().eval().requires_grad_(False)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            weight = next(vae.parameters())
+            image = vae.decode(vae.process_out(z.to(device=weight.device, dtype=weight.dtype)))
+            return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+        return decode
+
+
+class ReForgeApi(ForgeApi):
+    """Panchovix/stable-diffusion-webui-reForge (mirrors commit 3b56b26): `ldm_patched.modules.lora`."""
+
+    name = "reforge"
+
+    def load_file(self, filename: str) -> dict[str, torch.Tensor]:
+        from ldm_patched.modules.utils import load_torch_file
+
+        return load_torch_file(filename, safe_load=True)
+
+    def _load(self, lora: dict, key_map: dict) -> dict:
+        from ldm_patched.modules.lora import load_lora
+        from ldm_patched.modules.lora_convert import convert_lora
+
+        return load_lora(convert_lora(dict(lora)), key_map, log_missing=False)
+
+    def unet_patches(self, unet: Any, lora: dict) -> dict:
+        from ldm_patched.modules.lora import model_lora_keys_unet
+
+        return self._load(lora, model_lora_keys_unet(unet.model, {}))
+
+    def clip_patches(self, clip: Any, lora: dict) -> dict:
+        from ldm_patched.modules.lora import model_lora_keys_clip
+
+        return self._load(lora, model_lora_keys_clip(clip.cond_stage_model, {}))
+
+    def decode(self, value: Any) -> engine.LowRankFactors | None:
+        # weight_adapter.LoRAAdapter: .weights = (up, down, alpha, mid, dora_scale, reshape)
+        if getattr(value, "name", None) == "lora" and hasattr(value, "weights"):
+            up, down, alpha, mid, dora_scale = value.weights[:5]
+            reshape = value.weights[5] if len(value.weights) > 5 else None
+            if mid is None and dora_scale is None and reshape is None:
+                return engine.LowRankFactors(up, down, None if alpha is None else float(alpha))
+        return None
+
+    def dense(self, value: Any, key: str, zeros: torch.Tensor) -> torch.Tensor:
+        from ldm_patched.modules.lora import calculate_weight
+
+        return calculate_weight([(1.0, value, 1.0, None, None)], zeros, key)
+
+    def add_clip_patches(self, clip: Any, patches: dict, strength: float, label: str) -> Any:
+        clip.add_patches(patches, strength)
+        return clip
+
+    def get_attr(self, obj: Any, name: str) -> Any:
+        from ldm_patched.modules.utils import get_attr
+
+        return get_attr(obj, name)
+
+    def vae_decoder(self, p: Any) -> Any:
+        raise KLoraError("the 'vae' guidance decoder is not available on reForge yet; use 'taesd'")
+
+
+def host_api(host: str) -> ForgeApi:
+    return ReForgeApi() if host == "reforge" else ForgeApi()
+
+
+API: ForgeApi = ForgeApi()
+
+
+# ---------------------------------------------------------------- the script
+
+
+def _strengths(params: KLoraParams) -> tuple[float, float]:
+    return (params.subject_strength, params.style_strength)
+
+
+class KLoraScript(webui.KLoraScriptBase):
+    def process(self, p: Any, *args: Any) -> None:
+        p._klora = None
+        try:
+            first, hires = webui.job_params(p, args)
+        except (ParamsError, ValueError) as exc:
+            webui.stop_job(p, f"K-LoRA: {exc}" if not str(exc).startswith("K-LoRA") else str(exc))
+            return
+        if first is None and hires is None:
+            return
+        pair = first or hires
+        try:
+            job = build_job(p, first, hires)
+        except ScoringInterrupted:
+            return
+        except KLoraError as exc:
+            webui.stop_job(p, str(exc))
+            return
+        p._klora = job
+        engine.guard_sample(p, job, on_failure=lambda exc: webui.end_guidance(job))
+        if any(params is not None and params.uses_guidance for params in (first, hires)):
+            try:
+                decode = (
+                    API.vae_decoder(p) if pair.guidance_decoder == "vae" else webui.taesd_decoder().decode
+                )
+                job.guidance = webui.build_guidance(pair, webui.first_prompt(p), decode)
+            except (KLoraError, ValueError, OSError) as exc:
+                engine.teardown(job)
+                p._klora = None
+                webui.stop_job(p, f"K-LoRA guidance: {exc}")
+                return
+        webui.prepare_job(p, pair)
+
+    def process_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        # First pass: forge_objects were just reset from the LoRA-applied ones; the conds come next.
+        job = getattr(p, "_klora", None)
+        if job is not None and not getattr(p, "is_hr_pass", False):
+            apply_text_encoder(p, job, job.params)
+
+    def after_extra_networks_activate(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        # Hires pass: activation is followed directly by the hires conds.
+        job = getattr(p, "_klora", None)
+        if job is not None and getattr(p, "is_hr_pass", False):
+            apply_text_encoder(p, job, job.hires_params)
+
+    def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        # Forge calls this twice before the hires pass; everything here is idempotent.
+        job = getattr(p, "_klora", None)
+        if job is None or job.failed:
+            return
+        is_hires = bool(getattr(p, "is_hr_pass", False))
+        params = job.params_for(is_hires)
+        if params is None:
+            engine.remove_hooks(job)
+            return
+        try:
+            engine.install(job, _strengths(params))
+            if job.guidance is not None and params.uses_guidance:
+                unet = p.sd_model.forge_objects.unet.clone()
+                unet.set_model_sampler_post_cfg_function(_post_cfg(p, job))
+                p.sd_model.forge_objects.unet = unet
+        except Exception as exc:
+            fail_job(p, job, exc)
+
+    def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
+        job = getattr(p, "_klora", None)
+        if job is None:
+            return
+        engine.teardown(job)
+        webui.end_guidance(job)
+        p._klora = None
+        if not job.failed:
+            webui.add_selection_maps(processed, job, engine.pass_choices)
+
+
+def build_job(p: Any, first: KLoraParams | None, hires: KLoraParams | None) -> engine.PatcherJob:
+    """Read both LoRAs through the host's key maps and score their shared layers (cached by content)."""
+    params = first or hires
+    assert params is not None
+    forge_objects = p.sd_model.forge_objects
+    unet = forge_objects.unet
+    files = [webui.lora_file(name) for name in (params.subject, params.style)]
+    deltas: list[dict[str, engine.ModuleDelta]] = []
+    te: list[dict] = []
+
+    def find(name: str) -> Any:
+        try:
+            return API.get_attr(unet.model, name)
+        except AttributeError:
+            return None
+
+    for file in files:
+        lora = API.load_file(file)
+        found, _skipped = engine.module_deltas(API.unet_patches(unet, lora), find, API.decode, API.dense)
+        deltas.append(found)
+        te.append(API.clip_patches(forge_objects.clip, lora) if params.te_policy != "none" else {})
+    key = (
+        *[webui.score_cache.digests.digest(Path(f)) for f in files],
+        f"{API.name}-{type(unet.model).__name__}",
+    )
+    job = engine.build_patcher_job(
+        first,
+        hires,
+        (deltas[0], deltas[1]),
+        table=webui.score_cache.get(key),
+        device=webui.score_device(),
+        should_stop=lambda: bool(shared.state.interrupted),
+    )
+    webui.score_cache.put(key, job.table)
+    job.te_patches = (te[0], te[1])
+    return job
+
+
+def apply_text_encoder(p: Any, job: engine.PatcherJob, params: KLoraParams | None) -> None:
+    """The policy's text-encoder LoRA parts, on a clone of the host's clip patcher (the host restores it)."""
+    if params is None or params.te_policy == "none" or job.failed:
+        return
+    wanted = {"both": (0, 1), "subject": (0,), "style": (1,)}[params.te_policy]
+    patches = [(which, job.te_patches[which]) for which in wanted if job.te_patches[which]]
+    if not patches:
+        return
+    clip = p.sd_model.forge_objects.clip.clone()
+    strengths = _strengths(params)
+    for which, patch in patches:
+        label = f"klora:{('subject', 'style')[which]}:{(params.subject, params.style)[which]}"
+        clip = API.add_clip_patches(clip, patch, strengths[which], label)
+    p.sd_model.forge_objects.clip = clip
+
+
+def _post_cfg(p: Any, job: engine.PatcherJob) -> Any:
+    def post_cfg(args: dict) -> torch.Tensor:
+        denoised = args["denoised"]
+        if job.guidance is None or job.failed or shared.state.interrupted:
+            return denoised
+        try:
+            return job.guidance.apply(denoised, args["sigma"], job.tracker.step, job.tracker.steps)
+        except Exception as exc:  # guidance stops, the fusion goes on
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+            webui.guidance_off(p, job, f"guidance failed and was switched off: {exc}")
+            return denoised
+
+    return post_cfg
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+def on_cfg_denoiser(params: Any) -> None:
+    denoiser = params.denoiser
+    p = getattr(denoiser, "p", None)
+    job = getattr(p, "_klora", None)
+    if job is None or job.failed:
+        return
+    try:
+        is_hires = bool(getattr(p, "is_hr_pass", False))
+        engine.on_step(job, denoiser, is_hires, webui.evals_per_step(denoiser))
+    except Exception as exc:  # callbacks must not raise: the host logs it every step
+        fail_job(p, job, exc)
+
+
+def fail_job(p: Any, job: engine.PatcherJob, exc: BaseException) -> None:
+    webui.report_failure(p, job, exc)
+    engine.teardown(job)
+    webui.end_guidance(job)
+
+
+def on_model_loaded(_model: Any) -> None:
+    webui.taesd_decoders.clear()
+
+
+def register_callbacks(host: str) -> None:
+    global API
+    API = host_api(host)
+    script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+    script_callbacks.on_model_loaded(on_model_loaded)
+    script_callbacks.on_ui_settings(webui.on_ui_settings)
+    script_callbacks.on_before_ui(webui.on_before_ui)
+    script_callbacks.on_app_started(webui.make_app_started())
