@@ -361,7 +361,7 @@ def _map_png_base64(plan: Any, steps: int) -> str:
 
 
 def register_routes(
-    app: Any, *, version: str, plan_for_names: PlanForNames, prefix: str = ROUTE_PREFIX
+    app: Any, *, version: str, plan_for_names: PlanForNames, prefix: str = ROUTE_PREFIX, host: str = ""
 ) -> list[str]:
     """Add ``GET {prefix}/version``, ``GET {prefix}/schema`` and ``POST {prefix}/plan`` to a FastAPI app.
 
@@ -377,7 +377,7 @@ def register_routes(
         return JSONResponse({"detail": message}, status_code=422)
 
     async def get_version() -> JSONResponse:
-        return JSONResponse({"version": version})
+        return JSONResponse({"version": version, "host": host} if host else {"version": version})
 
     async def get_schema() -> JSONResponse:
         return JSONResponse(KLoraParams.json_schema())

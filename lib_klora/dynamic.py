@@ -578,8 +578,11 @@ class DynamicSelector:
         self._steps = int(steps)
         self._step = 0
         self._current.clear()
-        self._tables[pass_key] = torch.zeros((self.layer_count, self._steps), dtype=torch.uint8)
-        self._decided[pass_key] = torch.zeros((self.layer_count, self._steps), dtype=torch.bool)
+        # Ordinary tensors even when sampling runs under inference_mode (Forge): the host reads the records
+        # after sampling, outside it, where an inference tensor could not be written to any more.
+        with torch.inference_mode(False):
+            self._tables[pass_key] = torch.zeros((self.layer_count, self._steps), dtype=torch.uint8)
+            self._decided[pass_key] = torch.zeros((self.layer_count, self._steps), dtype=torch.bool)
 
     def set_step(self, step: int) -> None:
         """Move to `step` (0-based); a new step forgets the previous step's decisions."""
@@ -645,12 +648,15 @@ class DynamicSelector:
         by_device: dict[torch.device, list[tuple[int, int, Tensor]]] = {}
         for item in self._pending:
             by_device.setdefault(item[2].device, []).append(item)
-        for items in by_device.values():
-            values = torch.stack([c.reshape(()) for _, _, c in items]).to("cpu", torch.uint8)  # one transfer
-            rows = torch.tensor([layer for layer, _, _ in items])
-            cols = torch.tensor([col for _, col, _ in items])
-            table[rows, cols] = values
-            decided[rows, cols] = True
+        with torch.inference_mode(False):
+            for items in by_device.values():
+                values = torch.stack([c.reshape(()) for _, _, c in items]).to(
+                    "cpu", torch.uint8
+                )  # one transfer
+                rows = torch.tensor([layer for layer, _, _ in items])
+                cols = torch.tensor([col for _, col, _ in items])
+                table[rows, cols] = values
+                decided[rows, cols] = True
         self._pending.clear()
 
     # -- records

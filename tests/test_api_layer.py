@@ -596,3 +596,10 @@ def test_plan_route_refuses_the_dynamic_method(plan_client: Any) -> None:
     response = plan_client.post("/klora/v1/plan", json=body)
     assert response.status_code == 422
     assert "no precomputed plan" in response.json()["detail"]
+
+
+def test_version_route_names_the_host_when_given() -> None:
+    app = fastapi.FastAPI()
+    api.register_routes(app, version="1.2.3", plan_for_names=lambda *a: None, host="forge")
+    with testclient.TestClient(app) as client:
+        assert client.get("/klora/v1/version").json() == {"version": "1.2.3", "host": "forge"}

@@ -715,3 +715,17 @@ def test_in_place_hooks_give_the_out_of_place_result(in_place: bool) -> None:
     choice = int(selector.table("p")[0, 0])
     torch.testing.assert_close(hooked, base + pair[choice].delta(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hooked_single, base_single + pair[0].delta(x), rtol=1e-5, atol=1e-5)
+
+
+def test_records_made_under_inference_mode_are_readable_after_it() -> None:
+    # Forge samples under torch.inference_mode(); the selection map is drawn afterwards, outside it.
+    selector = DynamicSelector(2)
+    base = torch.randn(1, 8, 6, generator=_gen(1))
+    deltas = (torch.randn(1, 8, 6, generator=_gen(2)), torch.randn(1, 8, 6, generator=_gen(3)))
+    with torch.inference_mode():
+        selector.begin_pass("p", 2)
+        selector.decide(0, base, *deltas, channel_dim=-1)
+        selector.set_step(1)
+        selector.decide(1, base, *deltas, channel_dim=-1)
+    table = selector.table("p")  # flushes the pending decisions outside inference mode
+    assert not table.is_inference() and selector.decided("p").tolist() == [[True, False], [False, True]]

@@ -364,8 +364,9 @@ def plan_for_names(subject: str, style: str, settings: PlanSettings) -> FusionPl
 def make_app_started(plan_for_names: PlanForNames = plan_for_names) -> Callable[[Any, Any], None]:
     def on_app_started(_demo: Any, app: Any) -> None:
         from .. import api
+        from . import detect_host
 
-        api.register_routes(app, version=__version__, plan_for_names=plan_for_names)
+        api.register_routes(app, version=__version__, plan_for_names=plan_for_names, host=detect_host())
         credentials = getattr(shared.cmd_opts, "api_auth", None)
         # With --api-auth, unauthenticated requests must get the host's 401, not our 422 (pitfall P7).
         authorize = (

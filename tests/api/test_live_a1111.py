@@ -7,6 +7,8 @@ import json
 import threading
 import time
 
+import pytest
+
 from tests.api.conftest import BASE, STYLE, SUBJECT, call, images, klora_args, pixels, txt2img
 
 
@@ -97,6 +99,11 @@ def test_infotext_round_trip() -> None:
         "POST", "/sdapi/v1/png-info", {"image": "data:image/png;base64," + first["images"][0]}
     ).json()
     assert "K-LoRA pattern" in parsed["parameters"]
+    plain_info = json.loads(txt2img()["info"])["infotexts"][0]
+    plain_again = call("POST", "/sdapi/v1/txt2img", {**BASE, "infotext": plain_info})
+    if plain_again.status != 200:  # Forge dfdcbab: the `infotext` field fails for any image (host bug)
+        reason = f"this WebUI's txt2img `infotext` field fails without K-LoRA: {plain_again.body[:200]!r}"
+        pytest.skip(reason)
     again = txt2img(infotext=info)  # the API maps infotext through the script's paste fields
     assert pixels(images(again)[0]) == pixels(images(first)[0])
 
@@ -108,6 +115,7 @@ def test_hires_fix_and_selection_maps() -> None:
         hr_upscaler="Latent",
         denoising_strength=0.6,
         hr_second_pass_steps=3,
+        hr_additional_modules=["Use same choices"],  # Forge's API fails without it (A1111 ignores it)
         alwayson_scripts=klora_args(show_map=True),
     )
     produced = images(result)
