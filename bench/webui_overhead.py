@@ -1,7 +1,11 @@
 """Wall time of a K-LoRA generation against the same two LoRAs stacked with <lora> tags and one LoRA.
 
 Runs are interleaved (klora, stacked, single, klora, ...) against a live WebUI so machine noise hits all
-three alike; the medians are compared.
+three alike; the medians are compared. Each variant runs `--repeat-each` times in a row and only the last
+run counts: switching the set of <lora> tags makes the WebUI re-merge LoRA weights (Forge: several seconds),
+a cost a user generating with one setting pays once, not per image.
+
+Works against any of the hosts (A1111, Forge, reForge): it only uses the HTTP API.
 
     python bench/webui_overhead.py --url http://127.0.0.1:7860 --subject subj --style style [--rounds 5]
 """
@@ -39,6 +43,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--repeat-each", type=int, default=2, help="runs per variant in a row; the last counts"
+    )
     args = parser.parse_args()
 
     base = {
@@ -65,6 +72,8 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
         for name, payload in variants.items():
+            for _ in range(max(0, args.repeat_each - 1)):
+                generate(args.url, payload, args.timeout)
             times[name].append(generate(args.url, payload, args.timeout))
         print(f"round {round_index + 1}: " + "  ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
     median = {name: statistics.median(values) for name, values in times.items()}

@@ -51,10 +51,11 @@ class ForgeApi:
                 return engine.LowRankFactors(up, down, None if alpha is None else float(alpha))
         return None
 
-    def dense(self, value: Any, key: str, zeros: torch.Tensor) -> torch.Tensor:
+    def dense(self, value: Any, key: str, weight: torch.Tensor) -> torch.Tensor:
         from backend.patcher.lora import merge_lora_to_weight
 
-        return merge_lora_to_weight([[1.0, value, 1.0, None, None]], zeros, key, torch.float32)
+        _refuse_replacements(value)
+        return merge_lora_to_weight([[1.0, value, 1.0, None, None]], weight, key, torch.float32)
 
     def add_clip_patches(self, clip: Any, patches: dict, strength: float, label: str) -> Any:
         clip.add_patches(filename=label, patches=patches, strength_patch=strength, online_mode=False)
@@ -106,18 +107,21 @@ class ReForgeApi(ForgeApi):
         return self._load(lora, model_lora_keys_clip(clip.cond_stage_model, {}))
 
     def decode(self, value: Any) -> engine.LowRankFactors | None:
-        # weight_adapter.LoRAAdapter: .weights = (up, down, alpha, mid, dora_scale, reshape)
+        # weight_adapter.LoRAAdapter: .weights = (up, down, alpha, mid, dora_scale, reshape); older builds
+        # (and Forge) use ("lora", (up, down, alpha, mid, dora_scale)) tuples.
         if getattr(value, "name", None) == "lora" and hasattr(value, "weights"):
             up, down, alpha, mid, dora_scale = value.weights[:5]
             reshape = value.weights[5] if len(value.weights) > 5 else None
             if mid is None and dora_scale is None and reshape is None:
                 return engine.LowRankFactors(up, down, None if alpha is None else float(alpha))
-        return None
+            return None
+        return super().decode(value)
 
-    def dense(self, value: Any, key: str, zeros: torch.Tensor) -> torch.Tensor:
+    def dense(self, value: Any, key: str, weight: torch.Tensor) -> torch.Tensor:
         from ldm_patched.modules.lora import calculate_weight
 
-        return calculate_weight([(1.0, value, 1.0, None, None)], zeros, key)
+        _refuse_replacements(value)
+        return calculate_weight([(1.0, value, 1.0, None, None)], weight, key)
 
     def add_clip_patches(self, clip: Any, patches: dict, strength: float, label: str) -> Any:
         clip.add_patches(patches, strength)
@@ -130,6 +134,13 @@ class ReForgeApi(ForgeApi):
 
     def vae_decoder(self, p: Any) -> Any:
         raise KLoraError("the 'vae' guidance decoder is not available on reForge yet; use 'taesd'")
+
+
+def _refuse_replacements(value: Any) -> None:
+    """Patches that replace a weight instead of adding to it cannot be one LoRA's delta."""
+    kind = value[0] if isinstance(value, tuple) and value and isinstance(value[0], str) else None
+    if kind in ("set", "model_as_lora"):
+        raise ValueError(f"a '{kind}' patch replaces the weight; it is not a LoRA delta")
 
 
 def host_api(host: str) -> ForgeApi:

@@ -61,7 +61,8 @@ class LowRankFactors:
 
 # The host adapter's view of one patch value: plain low-rank factors, or None (then `dense` is used).
 DecodePatch = Callable[[Any], LowRankFactors | None]
-# ΔW of a patch value for a weight of this shape, at strength 1 (LoHa, LoKr, DoRA, mid cores ...).
+# The host's merge of a patch value into a copy of the given float weight, at strength 1 (LoHa, LoKr, DoRA,
+# mid cores ...); the delta is merged − weight. Raises for patches that are not a weight delta ("set").
 DensePatch = Callable[[Any, str, torch.Tensor], torch.Tensor]
 
 
@@ -138,9 +139,10 @@ class ModuleDelta:
         for part in self.parts:
             if part.factors is not None:
                 f = part.factors
-                branch: LowRankBranch | DenseBranch = LowRankBranch(
-                    f.up.detach().to(dtype), f.down.detach().to(dtype), strength * f.scale, conv=conv
-                )
+                up, down = f.up.detach().to(dtype), f.down.detach().to(dtype)
+                if conv is None:  # (r, in, 1, 1) factors of a linear layer, as some trainers save them
+                    up, down = up.reshape(up.shape[0], -1), down.reshape(f.rank, -1)
+                branch: LowRankBranch | DenseBranch = LowRankBranch(up, down, strength * f.scale, conv=conv)
             else:
                 assert part.dense is not None
                 shape = (part.size, *self.shape[1:])
@@ -187,7 +189,9 @@ def weight_shape(module: torch.nn.Module, factors: LowRankFactors | None) -> tup
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    real = getattr(weight, "real_shape", None)
+    real = getattr(weight, "real_shape", None)  # Forge's GGUF parameters
+    if real is None:
+        real = getattr(getattr(weight, "quant_state", None), "shape", None)  # bitsandbytes NF4/FP4
     if real is not None:
         return tuple(int(v) for v in real)
     if weight.is_floating_point() and weight.ndim in (2, 4):
@@ -195,6 +199,16 @@ def weight_shape(module: torch.nn.Module, factors: LowRankFactors | None) -> tup
     if factors is not None and factors.down.ndim == 2:
         return (int(factors.up.shape[0]), int(factors.down.shape[1]))
     return None
+
+
+def _factors_fit(factors: LowRankFactors, part_shape: tuple[int, ...]) -> bool:
+    """up (out, r...) and down (r, in...) must multiply to exactly the patched part of the weight."""
+    inputs = int(torch.Size(part_shape[1:]).numel())
+    return (
+        int(factors.up.shape[0]) == part_shape[0]
+        and factors.up[0].numel() == factors.rank
+        and factors.down[0].numel() == inputs
+    )
 
 
 def module_deltas(
@@ -232,14 +246,27 @@ def module_deltas(
             if dim != 0:
                 skipped.append(str(key))
                 continue
+        part_shape = (size, *shape[1:])
         dense_delta = None
-        if factors is None:
+        if factors is not None:
+            if not _factors_fit(factors, part_shape):  # e.g. control LoRAs that widen a layer: not a delta
+                skipped.append(str(key))
+                continue
+        else:
+            weight = getattr(module, "weight", None)
+            if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+                skipped.append(str(key))  # DoRA and friends need the real weight; a quantized one is packed
+                continue
+            base = weight.detach()[start : start + size].to(torch.float32).reshape(part_shape)
             try:
-                part_shape = (size, *shape[1:])
-                dense_delta = dense(value, param, torch.zeros(part_shape, dtype=torch.float32))
+                merged = dense(value, param, base.clone())
             except Exception:  # a LoRA type the host cannot express as a weight delta ("set", ...)
                 skipped.append(str(key))
                 continue
+            if tuple(merged.shape) != part_shape:
+                skipped.append(str(key))
+                continue
+            dense_delta = merged.to(torch.float32) - base
         entry = deltas.setdefault(name, ModuleDelta(name, module, shape, []))
         entry.parts.append(_Part(factors, dense_delta, start, size))
     return deltas, skipped
