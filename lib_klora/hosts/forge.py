@@ -161,7 +161,9 @@ class KLoraScript(webui.KLoraScriptBase):
     def process(self, p: Any, *args: Any) -> None:
         p._klora = None
         try:
-            first, hires = webui.job_params(p, args)
+            # K-LoRA's authors recommend S* for FLUX: the default there, unless the request chose a pattern.
+            model_pattern = "s*" if webui.is_flux_model() else None
+            first, hires = webui.job_params(p, args, model_pattern=model_pattern)
         except (ParamsError, ValueError) as exc:
             webui.stop_job(p, f"K-LoRA: {exc}" if not str(exc).startswith("K-LoRA") else str(exc))
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +86,29 @@ def score_device() -> Any:
 # ---------------------------------------------------------------- parameters of one job
 
 
-def job_params(p: Any, args: tuple) -> tuple[KLoraParams | None, KLoraParams | None]:
+def _pattern_chosen(args: tuple, base: KLoraParams) -> bool:
+    """Whether the UI/API arguments chose the pattern: an API dict names it; positional (accordion) values
+    count only when K-LoRA is enabled there (a disabled accordion just carries its defaults)."""
+    first = args[0] if args else None
+    if isinstance(first, Mapping):
+        return "pattern" in first
+    return base.enabled
+
+
+def job_params(
+    p: Any, args: tuple, *, model_pattern: str | None = None
+) -> tuple[KLoraParams | None, KLoraParams | None]:
     """First-pass and hires-pass params (None = off): tag > X/Y/Z > UI/API args.
 
     Raises ParamsError on bad input. As with <lora> tags, a tag in the hires prompt controls the
-    hires pass; without tags the accordion's "apply to hires pass" setting decides.
+    hires pass; without tags the accordion's "apply to hires pass" setting decides. `model_pattern` is the
+    loaded model's recommended pattern (s* for FLUX), used when nothing chose one.
     """
     base = KLoraParams.from_any(list(args))
+    if model_pattern is not None and model_pattern != base.pattern and not _pattern_chosen(args, base):
+        first_arg = args[0] if args else None
+        beta_given = isinstance(first_arg, Mapping) and "beta" in first_arg
+        base = base.with_overrides({"pattern": model_pattern, **({} if beta_given else {"beta": None})})
     overrides = getattr(p, "_klora_xyz", None)
     if overrides:
         base = base.with_overrides(overrides)
@@ -232,14 +248,19 @@ def build_guidance(params: KLoraParams, prompt: str, decode: Decode) -> Guidance
     )
 
 
+def is_flux_model() -> bool:
+    """Forge's FLUX (and other non-SD) models report themselves as not "webui legacy" models."""
+    legacy = getattr(shared.sd_model, "is_webui_legacy_model", None)
+    return callable(legacy) and not legacy() and not getattr(shared.sd_model, "is_sd3", False)
+
+
 def latent_kind() -> str:
     model = shared.sd_model
     if getattr(model, "is_sd3", False):
         raise KLoraError(
             "TAESD guidance supports SD1/SD2, SDXL and FLUX latents; use the 'vae' decoder for SD3"
         )
-    legacy = getattr(model, "is_webui_legacy_model", None)  # Forge: False for FLUX and other new models
-    if callable(legacy) and not legacy():
+    if is_flux_model():
         return "flux"
     return "sdxl" if getattr(model, "is_sdxl", False) else "sd"
 

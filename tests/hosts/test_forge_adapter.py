@@ -549,3 +549,47 @@ def test_a_dora_patch_adds_what_the_host_would_merge(webui: FakeWebUI, host_mode
     )
     assert skipped == []
     torch.testing.assert_close(deltas[PROJ].delta(), merged - weight, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- S* for FLUX
+
+
+class _FluxModel:
+    is_sd3 = False
+    is_sdxl = False
+
+    def __init__(self, flux: bool) -> None:
+        self.flux = flux
+
+    def is_webui_legacy_model(self) -> bool:
+        return not self.flux
+
+
+def _p(prompt: str = "a dog") -> Any:
+    return types.SimpleNamespace(prompt=prompt, all_prompts=[prompt], enable_hr=False)
+
+
+@pytest.mark.parametrize("flux", [True, False])
+def test_flux_defaults_to_s_star_unless_the_request_chose(webui: FakeWebUI, flux: bool) -> None:
+    webui.shared.sd_model = _FluxModel(flux)
+    model_pattern = "s*" if webui.webui.is_flux_model() else None
+    assert (model_pattern == "s*") is flux
+    job_params = webui.webui.job_params
+    chosen = {"enabled": True, "subject": "a", "style": "b"}
+    # An API dict without a pattern, or a tag with the accordion off, takes the model's recommendation.
+    first, _ = job_params(_p(), (chosen,), model_pattern=model_pattern)
+    assert first.pattern == ("s*" if flux else "s") and first.effective_beta == (1.3 if flux else 0.5)
+    disabled_ui = KLoraParams(pattern="s", beta=0.5).to_positional()
+    tagged, _ = job_params(_p("a dog <klora:a:b>"), tuple(disabled_ui), model_pattern=model_pattern)
+    assert tagged.pattern == ("s*" if flux else "s")
+    # A pattern the request names, or an enabled accordion's, is kept; so is an explicit beta.
+    kept, _ = job_params(_p(), ({**chosen, "pattern": "s"},), model_pattern=model_pattern)
+    assert kept.pattern == "s"
+    with_beta, _ = job_params(_p(), ({**chosen, "beta": 0.9},), model_pattern=model_pattern)
+    assert with_beta.beta == 0.9
+    ui = KLoraParams(enabled=True, subject="a", style="b", pattern="s").to_positional()
+    assert job_params(_p(), tuple(ui), model_pattern=model_pattern)[0].pattern == "s"
+    tag_pattern, _ = job_params(
+        _p("x <klora:a:b:pattern=s>"), tuple(disabled_ui), model_pattern=model_pattern
+    )
+    assert tag_pattern.pattern == "s"
