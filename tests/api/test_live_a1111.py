@@ -162,3 +162,15 @@ def test_second_order_sampler_and_img2img(plain_reference: bytes) -> None:
     assert response.status == 200, response.body[:300]
     assert len(response.json()["images"]) == 2  # the image and its selection map
     assert images(txt2img())[0] == plain_reference
+
+
+def test_text_encoder_policy_changes_the_conditioning(plain_reference: bytes) -> None:
+    # Both test LoRAs carry text-encoder layers: which of them reach the text encoder changes the image.
+    produced = {
+        policy: pixels(images(txt2img(alwayson_scripts=klora_args(te_policy=policy)))[0])
+        for policy in ("both", "subject", "none")
+    }
+    assert len(set(produced.values())) == 3
+    again = pixels(images(txt2img(alwayson_scripts=klora_args(te_policy="subject")))[0])
+    assert again == produced["subject"]  # the per-job conditioning cache never serves another policy
+    assert images(txt2img())[0] == plain_reference
