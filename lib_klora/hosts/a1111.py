@@ -63,16 +63,12 @@ class KLoraScript(webui.KLoraScriptBase):
         p._klora = job
         pair = first or hires
         engine.guard_sample(p, job, nets, on_failure=lambda exc: webui.end_guidance(job))
-        if any(params is not None and params.uses_guidance for params in (first, hires)):
-            try:
-                decode = guidance_decoder(pair.guidance_decoder)
-                job.guidance = webui.build_guidance(pair, webui.first_prompt(p), decode)
-            except (KLoraError, ValueError, OSError) as exc:
-                engine.teardown(nets, job)
-                p._klora = None
-                webui.stop_job(p, f"K-LoRA guidance: {exc}")
-                return
-        webui.prepare_job(p, pair)
+
+        def decoder() -> Any:
+            return guidance_decoder(pair.guidance_decoder)
+
+        if webui.start_guidance(p, job, pair, decoder, lambda: engine.teardown(nets, job)):
+            webui.prepare_job(p, pair)
 
     def after_extra_networks_activate(self, p: Any, *args: Any, **kwargs: Any) -> None:
         job = getattr(p, "_klora", None)

@@ -27,6 +27,7 @@ from ..params import KLoraParams
 from ..plan import FusionPlan, PlanSettings, StepSchedule
 from ..scores import ScoreTable, compute_scores
 from ..selection import LayerSelection, PassTracker
+from .sampling import on_sampling_failure
 
 UNET_PREFIX = "diffusion_model_"
 DIRTY = ("klora-dirty",)
@@ -496,21 +497,11 @@ def teardown(nets: Any, job: Job) -> int:
 def guard_sample(
     p: Any, job: Job, nets: Any, on_failure: Callable[[BaseException], None] | None = None
 ) -> None:
-    """Make a failing `p.sample` end the job at once: hooks removed, slots out, weights restored.
+    """Make a failing `p.sample` end the job at once: hooks removed, slots out, weights restored."""
 
-    The WebUI skips scripts' `postprocess` when sampling raises, and the next job's `before_process` would
-    only clean up later; wrapping the processing object's own `sample` covers every exit of sampling.
-    An interrupt is not a failure here: samplers return normally after one.
-    """
-    original = p.sample
+    def cleanup(exc: BaseException) -> None:
+        teardown(nets, job)
+        if on_failure is not None:
+            on_failure(exc)
 
-    def sample(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(*args, **kwargs)
-        except BaseException as exc:
-            teardown(nets, job)
-            if on_failure is not None:
-                on_failure(exc)
-            raise
-
-    p.sample = sample
+    on_sampling_failure(p, cleanup)

@@ -179,18 +179,12 @@ class KLoraScript(webui.KLoraScriptBase):
             return
         p._klora = job
         engine.guard_sample(p, job, on_failure=lambda exc: webui.end_guidance(job))
-        if any(params is not None and params.uses_guidance for params in (first, hires)):
-            try:
-                decode = (
-                    API.vae_decoder(p) if pair.guidance_decoder == "vae" else webui.taesd_decoder().decode
-                )
-                job.guidance = webui.build_guidance(pair, webui.first_prompt(p), decode)
-            except (KLoraError, ValueError, OSError) as exc:
-                engine.teardown(job)
-                p._klora = None
-                webui.stop_job(p, f"K-LoRA guidance: {exc}")
-                return
-        webui.prepare_job(p, pair)
+
+        def decoder() -> Any:
+            return API.vae_decoder(p) if pair.guidance_decoder == "vae" else webui.taesd_decoder().decode
+
+        if webui.start_guidance(p, job, pair, decoder, lambda: engine.teardown(job)):
+            webui.prepare_job(p, pair)
 
     def process_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
         # First pass: forge_objects were just reset from the LoRA-applied ones; the conds come next.

@@ -34,6 +34,7 @@ from ..params import KLoraParams
 from ..plan import FusionPlan, PlanSettings, StepSchedule
 from ..scores import ScoreTable, compute_scores
 from ..selection import PassTracker
+from .sampling import on_sampling_failure
 
 PatchKey = str | tuple  # "x.weight", or (param key, (dim, start, size)[, function]) for part of a fused layer
 
@@ -431,16 +432,11 @@ def teardown(job: PatcherJob) -> None:
 
 
 def guard_sample(p: Any, job: PatcherJob, on_failure: Callable[[BaseException], None] | None = None) -> None:
-    """Tear the job down the moment `p.sample` raises (the host then skips scripts' postprocess)."""
-    original = p.sample
+    """Make a failing `p.sample` end the job at once: every hook removed."""
 
-    def sample(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(*args, **kwargs)
-        except BaseException as exc:
-            teardown(job)
-            if on_failure is not None:
-                on_failure(exc)
-            raise
+    def cleanup(exc: BaseException) -> None:
+        teardown(job)
+        if on_failure is not None:
+            on_failure(exc)
 
-    p.sample = sample
+    on_sampling_failure(p, cleanup)

@@ -295,6 +295,22 @@ def taesd_decoder() -> Any:
     return decoder
 
 
+def start_guidance(
+    p: Any, job: Any, pair: KLoraParams, decoder: Callable[[], Decode], teardown: Callable[[], None]
+) -> bool:
+    """Build the job's guidance when a pass uses it; on failure end the job with its message (False)."""
+    if not any(params is not None and params.uses_guidance for params in (job.params, job.hires_params)):
+        return True
+    try:
+        job.guidance = build_guidance(pair, first_prompt(p), decoder())
+    except (KLoraError, ValueError, OSError) as exc:
+        teardown()
+        p._klora = None
+        stop_job(p, f"K-LoRA guidance: {exc}")
+        return False
+    return True
+
+
 def end_guidance(job: Any) -> None:
     """Guidance is over for this job; models go to the CPU when the setting says so."""
     job.guidance = None
