@@ -177,6 +177,10 @@ class KLoraScript(webui.KLoraScriptBase):
         except KLoraError as exc:
             webui.stop_job(p, str(exc))
             return
+        except Exception as exc:  # an image without the fusion the user asked for would be worse
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+            webui.stop_job(p, f"K-LoRA could not prepare the LoRAs: {type(exc).__name__}: {exc}")
+            return
         p._klora = job
         engine.guard_sample(p, job, on_failure=lambda exc: webui.end_guidance(job))
 
