@@ -593,3 +593,24 @@ def test_flux_defaults_to_s_star_unless_the_request_chose(webui: FakeWebUI, flux
         _p("x <klora:a:b:pattern=s>"), tuple(disabled_ui), model_pattern=model_pattern
     )
     assert tag_pattern.pattern == "s"
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_process_stops_the_job_when_preparing_the_loras_fails(
+    webui: FakeWebUI, host_model: Host, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forge = webui.forge
+    forge.register_callbacks(host)
+    write_loras(webui, host_model)
+    p = make_p(host, host_model)
+    p.prompt, p.all_prompts, p.enable_hr = "a dog", ["a dog"], False
+
+    def broken(*_args: Any) -> Any:
+        raise RuntimeError("key map exploded")
+
+    monkeypatch.setattr(forge.API, "unet_patches", broken)
+    forge.KLoraScript().process(p, params().to_dict())
+    assert p._klora is None
+    assert p.comments == ["K-LoRA could not prepare the LoRAs: RuntimeError: key map exploded"]
+    with pytest.raises(Exception, match="key map exploded"):  # the job ends before any sampling
+        p.sample()
