@@ -66,15 +66,20 @@ class ForgeApi:
 
         return get_attr(obj, name)
 
+    def latent_unscale(self, p: Any, vae: Any) -> Any:
+        return vae.process_out  # IntegratedAutoencoderKL: latent / scaling factor + shift
+
     def vae_decoder(self, p: Any) -> Any:
-        """A private, differentiable copy of the checkpoint's VAE (built outside inference mode)."""
-        source = p.sd_model.forge_objects.vae.first_stage_model
+        """A private, differentiable fp32 copy of the checkpoint's VAE. The host's parameters are inference
+        tensors (loaded under inference_mode); a copy made outside it holds ordinary ones."""
         with torch.inference_mode(False):
-            vae = copy.deepcopy(source).float().eval().requires_grad_(False)
+            vae = copy.deepcopy(p.sd_model.forge_objects.vae.first_stage_model).float().eval()
+            vae.requires_grad_(False)
+        unscale = self.latent_unscale(p, vae)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             weight = next(vae.parameters())
-            image = vae.decode(vae.process_out(z.to(device=weight.device, dtype=weight.dtype)))
+            image = vae.decode(unscale(z.to(device=weight.device, dtype=weight.dtype)))
             return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
         return decode
@@ -132,8 +137,9 @@ class ReForgeApi(ForgeApi):
 
         return get_attr(obj, name)
 
-    def vae_decoder(self, p: Any) -> Any:
-        raise KLoraError("the 'vae' guidance decoder is not available on reForge yet; use 'taesd'")
+    def latent_unscale(self, p: Any, vae: Any) -> Any:
+        # what reForge's own decode_first_stage applies before its VAE (modules_forge/forge_loader.py)
+        return p.sd_model.forge_objects.unet.model.model_config.latent_format.process_out
 
 
 def _refuse_replacements(value: Any) -> None:

@@ -99,3 +99,13 @@ def test_guidance_nudges_k_diffusion_samplers_and_skips_ddim(plain_reference: by
         assert pixels(images(ddim.json())[0]) != pixels(ddim_plain)
         assert "K-LoRA note:" not in infotext
     assert images(txt2img())[0] == plain_reference
+
+
+@pytest.mark.skipif(not GUIDANCE_MODELS, reason="set KLORA_LIVE_GUIDANCE=1 when the server has the models")
+def test_guidance_through_the_full_vae(plain_reference: bytes) -> None:
+    unguided = images(txt2img(alwayson_scripts=klora_args()))[0]
+    guided = _guided(guidance_decoder="vae", guidance_eta=0.3)
+    assert guided.status == 200, guided.body[:500]
+    assert pixels(images(guided.json())[0]) != pixels(unguided)
+    assert "K-LoRA note:" not in json.loads(guided.json()["info"])["infotexts"][0]
+    assert images(txt2img())[0] == plain_reference
