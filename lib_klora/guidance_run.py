@@ -127,6 +127,17 @@ class GuidanceRun:
         config.validate(references)
         return cls(config, encoders, references, decode)
 
+    def memory_bytes(self) -> int:
+        """Rough device memory guidance needs while sampling: its models' parameters, plus about as much
+        again for the activations and gradients of one guided step (encoders at 224 px, batch-sized)."""
+        modules = [getattr(self.encoders.clip, "model", None), getattr(self.encoders.dino, "model", None)]
+        modules.append(getattr(self.decode, "__self__", None))  # a TaesdDecoder's bound decode
+        total = 0
+        for module in modules:
+            if isinstance(module, torch.nn.Module):
+                total += sum(p.numel() * p.element_size() for p in module.parameters())
+        return 2 * total
+
     def wants(self, step: int, steps: int) -> bool:
         return should_guide(step, steps, self.config)
 

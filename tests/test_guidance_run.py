@@ -85,3 +85,12 @@ def test_bad_reference_and_missing_weights_are_clear_errors(tmp_path: Path, deco
     real = GuidanceModels(tmp_path / "klora")  # real weights wanted, none on disk, no hub here
     with pytest.raises(ModelUnavailableError, match=r"open_clip_ViT-B-32_laion2b_s34b_b79k\.safetensors"):
         GuidanceRun.build(params(), real, decoder.decode)
+
+
+def test_memory_estimate_counts_the_models_it_uses(models: GuidanceModels, decoder: TaesdDecoder) -> None:
+    run = GuidanceRun.build(params(), models, decoder.decode)
+    sizes = [
+        sum(p.numel() * p.element_size() for p in module.parameters())
+        for module in (run.encoders.clip.model, run.encoders.dino.model, decoder)
+    ]
+    assert run.memory_bytes() == 2 * sum(sizes)

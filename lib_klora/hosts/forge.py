@@ -223,6 +223,10 @@ class KLoraScript(webui.KLoraScriptBase):
             if job.guidance is not None and params.uses_guidance:
                 unet = p.sd_model.forge_objects.unet.clone()
                 unet.set_model_sampler_post_cfg_function(_post_cfg(p, job))
+                # Ask the host's memory manager to leave room for the guidance models (it offloads instead).
+                reserve = getattr(unet, "add_extra_preserved_memory_during_sampling", None)
+                if callable(reserve):
+                    reserve(job.guidance.memory_bytes())
                 p.sd_model.forge_objects.unet = unet
         except Exception as exc:
             fail_job(p, job, exc)
