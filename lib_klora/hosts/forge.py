@@ -18,6 +18,7 @@ import torch
 from modules import script_callbacks, shared
 
 from ..errors import KLoraError
+from ..lora_file import LowRankModule
 from ..params import KLoraParams, ParamsError
 from ..scores import ScoringInterrupted
 from . import patcher_engine as engine
@@ -47,8 +48,8 @@ class ForgeApi:
     def decode(self, value: Any) -> engine.LowRankFactors | None:
         if isinstance(value, tuple) and len(value) == 2 and value[0] == "lora":
             up, down, alpha, mid, dora_scale = value[1][:5]
-            if mid is None and dora_scale is None:
-                return engine.LowRankFactors(up, down, None if alpha is None else float(alpha))
+            if dora_scale is None:
+                return _low_rank(up, down, alpha, mid)
         return None
 
     def dense(self, value: Any, key: str, weight: torch.Tensor) -> torch.Tensor:
@@ -117,8 +118,8 @@ class ReForgeApi(ForgeApi):
         if getattr(value, "name", None) == "lora" and hasattr(value, "weights"):
             up, down, alpha, mid, dora_scale = value.weights[:5]
             reshape = value.weights[5] if len(value.weights) > 5 else None
-            if mid is None and dora_scale is None and reshape is None:
-                return engine.LowRankFactors(up, down, None if alpha is None else float(alpha))
+            if dora_scale is None and reshape is None:
+                return _low_rank(up, down, alpha, mid)
             return None
         return super().decode(value)
 
@@ -140,6 +141,17 @@ class ReForgeApi(ForgeApi):
     def latent_unscale(self, p: Any, vae: Any) -> Any:
         # what reForge's own decode_first_stage applies before its VAE (modules_forge/forge_loader.py)
         return p.sd_model.forge_objects.unet.model.model_config.latent_format.process_out
+
+
+def _low_rank(up: Any, down: Any, alpha: Any, mid: Any) -> engine.LowRankFactors:
+    """Plain factors; a LoCon CP core is folded into `down` (still rank r), as lora_file does."""
+    alpha = None if alpha is None else float(alpha)
+    if mid is None:
+        return engine.LowRankFactors(up, down, alpha)
+    module = LowRankModule(canonical="", stem="", down=down, up=up, mid=mid, alpha=alpha)
+    up_scaled, down_folded = module.factors(up.device)  # alpha/rank now inside up
+    folded = down_folded.reshape(down_folded.shape[0], down.shape[1], *mid.shape[2:])
+    return engine.LowRankFactors(up_scaled.reshape(up.shape[0], -1), folded, None)
 
 
 def _refuse_replacements(value: Any) -> None:

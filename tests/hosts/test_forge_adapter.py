@@ -167,7 +167,7 @@ def test_reforge_decode_reads_a_five_tuple_adapter(webui: FakeWebUI) -> None:
 OTHER_FORMS = [
     (host, form)
     for host in HOSTS
-    for form in ("mid", "dora_scale", "reshape", "loha", "diff", "set")
+    for form in ("dora_scale", "reshape", "loha", "diff", "set")
     if not (host == "forge" and form == "reshape")  # Forge's values have no reshape field
 ]
 
@@ -175,14 +175,26 @@ OTHER_FORMS = [
 @pytest.mark.parametrize(("host", "extra"), OTHER_FORMS)
 def test_decode_sends_every_other_form_to_the_dense_path(webui: FakeWebUI, host: str, extra: str) -> None:
     up, down = _factors()
-    if extra in ("mid", "dora_scale", "reshape"):
-        payload = {"mid": torch.ones(4, 4, 1, 1), "dora_scale": torch.ones(16, 1), "reshape": [16, 12]}
+    if extra in ("dora_scale", "reshape"):
+        payload = {"dora_scale": torch.ones(16, 1), "reshape": [16, 12]}
         value = value_for(host, "lora", (up, down), 2.0, **{extra: payload[extra]})
     elif extra == "loha":
         value = value_for(host, "loha", (up, down, up, down), 2.0)
     else:
         value = value_for(host, extra, (up @ down,), None)
     assert api(webui, host).decode(value) is None
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_decode_folds_a_locon_cp_core_into_rank_r_factors(webui: FakeWebUI, host: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    up, down, mid = randn(g, 6, 3, 1, 1), randn(g, 3, 4, 1, 1), randn(g, 3, 3, 3, 3)
+    factors = api(webui, host).decode(value_for(host, "lora", (up, down), 1.5, mid=mid))
+    assert factors is not None and factors.rank == 3 and factors.down.shape == (3, 4, 3, 3)
+    # ΔW[o, i, h, w] = alpha/r · Σ_ab up[o, a] mid[a, b, h, w] down[b, i], as both hosts merge a CP core.
+    want = torch.einsum("oa,abhw,bi->oihw", up.flatten(1), mid, down.flatten(1)) * (1.5 / 3)
+    got = (factors.up.reshape(6, -1) @ factors.down.reshape(3, -1)).reshape(6, 4, 3, 3) * factors.scale
+    torch.testing.assert_close(got, want)
 
 
 def test_forge_decode_does_not_mistake_an_adapter_for_a_tuple(webui: FakeWebUI) -> None:
