@@ -555,6 +555,20 @@ class DynamicSelector:
         self._current: dict[int, Choice] = {}  # this step's decisions, by layer
         self._pending: list[tuple[int, int, Tensor]] = []  # (layer, column, 0-dim choice) for the table
 
+    @classmethod
+    def for_params(cls, layer_count: int, params: Any) -> DynamicSelector:
+        """The selector a KLoraParams' KL options describe (hybrid mode uses its pattern, alpha and beta)."""
+        return cls(
+            layer_count,
+            temperature=params.kl_temperature,
+            direction=params.kl_direction,
+            per_sample=params.kl_per_sample,
+            hybrid=params.kl_hybrid,
+            pattern=params.pattern,
+            alpha=params.alpha,
+            beta=params.beta,
+        )
+
     # -- progress
 
     @property

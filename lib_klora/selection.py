@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .plan import SUBJECT
+
+if TYPE_CHECKING:
+    from .params import KLoraParams
+    from .plan import StepSchedule
 
 TE_POLICIES = ("both", "subject", "style", "none")
 
@@ -92,3 +97,20 @@ class PassTracker:
     @property
     def progress(self) -> float:
         return self.step / self.steps if self.steps else 0.0
+
+
+@dataclass
+class PassRecord:
+    """What one sampling pass used, for its selection map: a precomputed schedule, or the decisions the
+    `dynamic` selector recorded under this pass's label."""
+
+    label: str
+    params: KLoraParams
+    schedule: StepSchedule | None = None
+    dynamic: Any = None  # the DynamicSelector of a "dynamic" pass
+
+    def choices(self) -> tuple[list[list[int]], tuple[str, ...]]:
+        """choices [layer][step] and their labels."""
+        if self.schedule is not None:
+            return self.schedule.choices.tolist(), tuple(self.schedule.labels)
+        return self.dynamic.table(self.label).tolist(), tuple(self.dynamic.labels)

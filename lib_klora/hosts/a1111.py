@@ -14,8 +14,7 @@ import torch
 from modules import script_callbacks, shared
 
 from ..errors import KLoraError
-from ..params import ParamsError
-from ..scores import ScoringInterrupted
+from ..params import KLoraParams
 from . import a1111_engine as engine
 from . import webui
 
@@ -31,20 +30,11 @@ class KLoraScript(webui.KLoraScriptBase):
         engine.remove_slots(engine.lora_extension())
 
     def process(self, p: Any, *args: Any) -> None:
-        p._klora = None
-        try:
-            first, hires = webui.job_params(p, args)
-        except (ParamsError, ValueError) as exc:
-            webui.stop_job(p, f"K-LoRA: {exc}" if not str(exc).startswith("K-LoRA") else str(exc))
-            return
-        if first is None and hires is None:
-            return
-        nets = engine.lora_extension()
-        if nets is None:
-            webui.stop_job(p, "K-LoRA: the built-in Lora extension is not loaded (is it disabled?)")
-            return
-        try:
-            job = engine.build_job(
+        def build(first: KLoraParams | None, hires: KLoraParams | None) -> engine.Job:
+            nets = engine.lora_extension()
+            if nets is None:
+                raise KLoraError("K-LoRA: the built-in Lora extension is not loaded (is it disabled?)")
+            return engine.build_job(
                 nets,
                 network_cache,
                 webui.score_cache,
@@ -55,17 +45,12 @@ class KLoraScript(webui.KLoraScriptBase):
                 digest=lambda path: webui.score_cache.digests.digest(Path(path)),
                 should_stop=lambda: bool(shared.state.interrupted),
             )
-        except ScoringInterrupted:
+
+        job = webui.begin_job(p, args, build)
+        if job is None:
             return
-        except KLoraError as exc:
-            webui.stop_job(p, str(exc))
-            return
-        except Exception as exc:  # an image without the fusion the user asked for would be worse
-            traceback.print_exception(type(exc), exc, exc.__traceback__)
-            webui.stop_job(p, f"K-LoRA could not prepare the LoRAs: {type(exc).__name__}: {exc}")
-            return
-        p._klora = job
-        pair = first or hires
+        nets = engine.lora_extension()
+        pair = job.params or job.hires_params
         engine.guard_sample(p, job, nets, on_failure=lambda exc: webui.end_guidance(job))
 
         def decoder() -> Any:
@@ -95,7 +80,7 @@ class KLoraScript(webui.KLoraScriptBase):
         webui.end_guidance(job)
         p._klora = None
         if not job.failed:
-            webui.add_selection_maps(processed, job, engine.pass_choices)
+            webui.add_selection_maps(processed, job)
 
 
 # ---------------------------------------------------------------- callbacks

@@ -19,14 +19,13 @@ from typing import Any
 import torch
 
 from ..cache import ScoreCache
-from ..dynamic import LABELS as DYNAMIC_LABELS
 from ..dynamic import Branch, ConvSpec, DenseBranch, DynamicSelector, HookSet, LowRankBranch, install_hooks
 from ..errors import KLoraError
 from ..lora_file import PICKLE_SUFFIXES
 from ..params import KLoraParams
 from ..plan import FusionPlan, PlanSettings, StepSchedule
 from ..scores import ScoreTable, compute_scores
-from ..selection import LayerSelection, PassTracker
+from ..selection import LayerSelection, PassRecord, PassTracker
 from .sampling import on_sampling_failure
 
 UNET_PREFIX = "diffusion_model_"
@@ -173,13 +172,6 @@ def _slot_class(network_module: Any) -> type:
 
     network_module._klora_slot_class = KLoraSlot
     return KLoraSlot
-
-
-@dataclass
-class PassRecord:
-    label: str
-    schedule: StepSchedule | None  # None: method "dynamic", whose choices the selector recorded
-    params: KLoraParams
 
 
 @dataclass
@@ -347,16 +339,7 @@ def build_dynamic(job: Job, params: KLoraParams) -> DynamicState:
             if layer in job.unet_touched and key == layer:
                 pair = branches.setdefault(layer, [None, None])
                 pair[which] = branch_for(module, job.unet_touched[layer], strengths[which])
-    selector = DynamicSelector(
-        len(job.table.layers),
-        temperature=params.kl_temperature,
-        direction=params.kl_direction,
-        per_sample=params.kl_per_sample,
-        hybrid=params.kl_hybrid,
-        pattern=params.pattern,
-        alpha=params.alpha,
-        beta=params.beta,
-    )
+    selector = DynamicSelector.for_params(len(job.table.layers), params)
     index = {layer.canonical: i for i, layer in enumerate(job.table.layers)}
     state = DynamicState(selector, HookSet())
     state.hooks = install_hooks(
@@ -443,7 +426,8 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
         if job.dynamic is not None:
             job.dynamic.live = dynamic
         if not any(record.label == label for record in job.passes):
-            job.passes.append(PassRecord(label, job.schedule, params))
+            selector = job.dynamic.selector if dynamic and job.dynamic is not None else None
+            job.passes.append(PassRecord(label, params, job.schedule, selector))
         # A new pass re-merges every UNet layer either LoRA adapts: a previous job or pass may have left
         # another choice merged, and a pass of the other kind (hooks vs merges) leaves the opposite state.
         for module in job.unet_touched.values():
@@ -456,14 +440,6 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
     changed = job.selection.apply(job.schedule.at(job.tracker.step).tolist())
     for i in changed:
         mark_dirty(job.layer_modules[i])
-
-
-def pass_choices(job: Job, record: PassRecord) -> tuple[list[list[int]], tuple[str, ...]]:
-    """The selection map's data of one pass: choices [layer][step] and their labels."""
-    if record.schedule is not None:
-        return record.schedule.choices.tolist(), tuple(record.schedule.labels)
-    assert job.dynamic is not None
-    return job.dynamic.selector.table(record.label).tolist(), DYNAMIC_LABELS
 
 
 def restore_layers(nets: Any, modules: Sequence[torch.nn.Module]) -> int:

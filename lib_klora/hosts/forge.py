@@ -17,10 +17,8 @@ from typing import Any
 import torch
 from modules import script_callbacks, shared
 
-from ..errors import KLoraError
 from ..lora_file import LowRankModule
-from ..params import KLoraParams, ParamsError
-from ..scores import ScoringInterrupted
+from ..params import KLoraParams
 from . import patcher_engine as engine
 from . import webui
 
@@ -177,29 +175,14 @@ def _strengths(params: KLoraParams) -> tuple[float, float]:
 
 class KLoraScript(webui.KLoraScriptBase):
     def process(self, p: Any, *args: Any) -> None:
-        p._klora = None
-        try:
-            # K-LoRA's authors recommend S* for FLUX: the default there, unless the request chose a pattern.
-            model_pattern = "s*" if webui.is_flux_model() else None
-            first, hires = webui.job_params(p, args, model_pattern=model_pattern)
-        except (ParamsError, ValueError) as exc:
-            webui.stop_job(p, f"K-LoRA: {exc}" if not str(exc).startswith("K-LoRA") else str(exc))
+        # K-LoRA's authors recommend S* for FLUX: the default there, unless the request chose a pattern.
+        model_pattern = "s*" if webui.is_flux_model() else None
+        job = webui.begin_job(
+            p, args, lambda first, hires: build_job(p, first, hires), model_pattern=model_pattern
+        )
+        if job is None:
             return
-        if first is None and hires is None:
-            return
-        pair = first or hires
-        try:
-            job = build_job(p, first, hires)
-        except ScoringInterrupted:
-            return
-        except KLoraError as exc:
-            webui.stop_job(p, str(exc))
-            return
-        except Exception as exc:  # an image without the fusion the user asked for would be worse
-            traceback.print_exception(type(exc), exc, exc.__traceback__)
-            webui.stop_job(p, f"K-LoRA could not prepare the LoRAs: {type(exc).__name__}: {exc}")
-            return
-        p._klora = job
+        pair = job.params or job.hires_params
         engine.guard_sample(p, job, on_failure=lambda exc: webui.end_guidance(job))
 
         def decoder() -> Any:
@@ -251,7 +234,7 @@ class KLoraScript(webui.KLoraScriptBase):
         webui.end_guidance(job)
         p._klora = None
         if not job.failed:
-            webui.add_selection_maps(processed, job, engine.pass_choices)
+            webui.add_selection_maps(processed, job)
 
 
 def build_job(p: Any, first: KLoraParams | None, hires: KLoraParams | None) -> engine.PatcherJob:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from ..dynamic import LABELS as DYNAMIC_LABELS
 from ..dynamic import (
     Branch,
     ConvSpec,
@@ -31,9 +30,9 @@ from ..dynamic import (
 )
 from ..errors import KLoraError
 from ..params import KLoraParams
-from ..plan import FusionPlan, PlanSettings, StepSchedule
+from ..plan import FusionPlan, PlanSettings
 from ..scores import ScoreTable, compute_scores
-from ..selection import PassTracker
+from ..selection import PassRecord, PassTracker
 from .sampling import on_sampling_failure
 
 PatchKey = str | tuple  # "x.weight", or (param key, (dim, start, size)[, function]) for part of a fused layer
@@ -274,13 +273,6 @@ def module_deltas(
 
 
 @dataclass
-class PassRecord:
-    label: str
-    schedule: StepSchedule | None  # None: method "dynamic"
-    params: KLoraParams
-
-
-@dataclass
 class PatcherJob:
     """Everything one generation holds on Forge/reForge; lives on `p._klora` and dies with it."""
 
@@ -341,16 +333,7 @@ def build_patcher_job(
             )
     dynamic = None
     if any(p is not None and p.method == "dynamic" for p in (first, hires)):
-        dynamic = DynamicSelector(
-            len(table.layers),
-            temperature=params.kl_temperature,
-            direction=params.kl_direction,
-            per_sample=params.kl_per_sample,
-            hybrid=params.kl_hybrid,
-            pattern=params.pattern,
-            alpha=params.alpha,
-            beta=params.beta,
-        )
+        dynamic = DynamicSelector.for_params(len(table.layers), params)
     return PatcherJob(first, hires, table, deltas, FusionSelector(len(table.layers), dynamic))
 
 
@@ -414,16 +397,10 @@ def on_step(job: PatcherJob, denoiser: Any, is_hires: bool, evals_per_step: int)
             schedule = job.plan_for(params).schedule(job.tracker.steps)
             job.selector.begin_static_pass(schedule.choices)
         if not any(record.label == label for record in job.passes):
-            job.passes.append(PassRecord(label, schedule, params))
+            dynamic = job.selector.dynamic if schedule is None else None
+            job.passes.append(PassRecord(label, params, schedule, dynamic))
     job.live = True
     job.selector.set_step(job.tracker.step)
-
-
-def pass_choices(job: PatcherJob, record: PassRecord) -> tuple[list[list[int]], tuple[str, ...]]:
-    if record.schedule is not None:
-        return record.schedule.choices.tolist(), tuple(record.schedule.labels)
-    assert job.selector.dynamic is not None
-    return job.selector.dynamic.table(record.label).tolist(), DYNAMIC_LABELS
 
 
 def teardown(job: PatcherJob) -> None:

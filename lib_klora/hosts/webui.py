@@ -143,6 +143,43 @@ def stop_job(p: Any, message: str) -> None:
     p.sample = refuse
 
 
+def begin_job(
+    p: Any,
+    args: tuple,
+    build: Callable[[KLoraParams | None, KLoraParams | None], Any],
+    *,
+    model_pattern: str | None = None,
+) -> Any:
+    """Parameters of the job, then `build(first, hires)` (the host's LoRA loading and scoring).
+
+    Returns the job, or None when K-LoRA is off or the job was stopped with a message (bad parameters,
+    unusable LoRAs, any failure while preparing them: an image without the fusion asked for is worse).
+    """
+    from ..scores import ScoringInterrupted
+
+    p._klora = None
+    try:
+        first, hires = job_params(p, args, model_pattern=model_pattern)
+    except (ParamsError, ValueError) as exc:
+        stop_job(p, f"K-LoRA: {exc}" if not str(exc).startswith("K-LoRA") else str(exc))
+        return None
+    if first is None and hires is None:
+        return None
+    try:
+        job = build(first, hires)
+    except ScoringInterrupted:
+        return None
+    except KLoraError as exc:
+        stop_job(p, str(exc))
+        return None
+    except Exception as exc:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        stop_job(p, f"K-LoRA could not prepare the LoRAs: {type(exc).__name__}: {exc}")
+        return None
+    p._klora = job
+    return job
+
+
 def first_prompt(p: Any) -> str:
     return (getattr(p, "all_prompts", None) or [p.prompt])[0] or ""
 
@@ -192,11 +229,7 @@ def dynamic_title(params: KLoraParams) -> str:
     return f"dynamic ({', '.join(options)})"
 
 
-def add_selection_maps(
-    processed: Any,
-    job: Any,
-    pass_choices: Callable[[Any, Any], tuple[list[list[int]], tuple[str, ...]]],
-) -> None:
+def add_selection_maps(processed: Any, job: Any) -> None:
     """Append one selection map per pass (when asked for) to the outputs."""
     if not any(params is not None and params.show_map for params in (job.params, job.hires_params)):
         return
@@ -207,7 +240,7 @@ def add_selection_maps(
         else:
             plan: FusionPlan = job.plan_for(record.params)
             title = f"{record.label}: {map_title(plan)}"
-        choices, labels = pass_choices(job, record)
+        choices, labels = record.choices()
         processed.images.append(render_selection_map(names, choices, labels, title))
         processed.infotexts.append(f"K-LoRA selection map, {title}")
 

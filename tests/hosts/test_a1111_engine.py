@@ -30,7 +30,6 @@ from lib_klora.hosts.a1111_engine import (
     guard_sample,
     inject_slots,
     on_step,
-    pass_choices,
     restore_layers,
     teardown,
 )
@@ -808,7 +807,7 @@ def test_dynamic_applies_the_more_divergent_delta_through_hooks(host: Host) -> N
         assert {layer for layer, _ in record.merges} <= {TE_LAYER}
         for name in (A, B, C, D, E):
             assert torch.equal(record.weights[name], host.pristine[name][0])
-    table, labels = pass_choices(job, job.passes[0])
+    table, labels = job.passes[0].choices()
     assert labels == ("subject", "style")
     assert [row[0] for row in table] == choices  # one decision per (pass, step, layer), recorded
     assert all(len(set(row)) == 1 for row in table)  # same input every step: same decision
@@ -847,7 +846,7 @@ def test_a_failing_job_removes_hooks_and_restores_weights_at_once(host: Host) ->
     with pytest.raises(RuntimeError, match="out of memory"):
         p.sample()
     assert [str(f) for f in failures] == ["out of memory"]
-    assert hooked(host) == [] and engine.remove_slots is not None
+    assert hooked(host) == []
     assert not any(isinstance(n, type(job.slots[0])) for n in host.nets.loaded_networks)
     for name in ALL_LAYERS:
         assert torch.equal(host.weight(name), host.pristine[name][0])

@@ -396,7 +396,7 @@ def test_the_script_hooks_layers_once_and_applies_the_choices(
         choices = [row[step] for row in schedule]
         for i, name in enumerate(MANAGED):
             close(outputs[name], host_model.expected(name, host_model.chosen(choices[i])), (step, name))
-    assert engine.pass_choices(job, job.passes[0])[0] == schedule
+    assert job.passes[0].choices()[0] == schedule
     processed = types.SimpleNamespace(images=[], infotexts=[])
     script.postprocess(p, processed)  # outside inference mode, as the host does
     assert p._klora is None and host_model.hooked() == []

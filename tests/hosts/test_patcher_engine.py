@@ -30,7 +30,6 @@ from lib_klora.hosts.patcher_engine import (
     install,
     module_deltas,
     on_step,
-    pass_choices,
     teardown,
 )
 from lib_klora.params import KLoraParams
@@ -333,7 +332,7 @@ def test_static_methods_apply_the_scheduled_delta(host: Host, method: str) -> No
         close(outputs[ONLY_SUBJECT], host.expected(ONLY_SUBJECT, host.chosen(SUBJECT)), step)
         close(outputs[ONLY_STYLE], host.expected(ONLY_STYLE, host.chosen(STYLE)), step)
     assert [(r.label, r.schedule.steps) for r in job.passes] == [("first pass", STEPS)]
-    table, labels = pass_choices(job, job.passes[0])
+    table, labels = job.passes[0].choices()
     assert table == schedule.choices.tolist() and labels == ("subject", "style", "both")
     if method == "klora":  # the test is only meaningful if layers really switch, and at different steps
         switches = {tuple(schedule.switch_steps(i)) for i in range(len(MANAGED))}
@@ -389,7 +388,7 @@ def test_dynamic_applies_the_more_divergent_delta(host: Host) -> None:
         close(outputs[ONLY_STYLE], host.expected(ONLY_STYLE, host.chosen(STYLE)))
     record = job.passes[0]
     assert record.label == "first pass" and record.schedule is None
-    table, labels = pass_choices(job, record)
+    table, labels = record.choices()
     assert labels == ("subject", "style")
     assert table == [[choice] * 3 for choice in choices]  # one decision per (pass, step, layer)
     assert bool(job.selector.dynamic.decided("first pass").all())
@@ -403,7 +402,7 @@ def test_dynamic_records_are_readable_after_sampling_under_inference_mode(host: 
     with torch.inference_mode():
         host.sample(job, 3)
     choices = [reference_dynamic_choice(host, name) for name in MANAGED]
-    table, _ = pass_choices(job, job.passes[0])  # flushes the last step's decisions, outside the mode
+    table, _ = job.passes[0].choices()  # flushes the last step's decisions, outside the mode
     assert table == [[choice] * 3 for choice in choices]
 
 
@@ -425,7 +424,7 @@ def test_dynamic_decides_once_per_step_and_later_calls_reuse_it(host: Host) -> N
     fresh = host.outputs(scale)  # the next step decides afresh from its own first call
     for name, choice in zip(MANAGED, other, strict=True):
         close(fresh[name], host.expected(name, host.chosen(choice), scale), name)
-    table, _ = pass_choices(job, job.passes[0])
+    table, _ = job.passes[0].choices()
     assert table == [[a, b] for a, b in zip(first, other, strict=True)]
 
 
@@ -462,7 +461,7 @@ def test_hires_pass_with_another_method(host: Host) -> None:
         for name in MANAGED:
             close(outputs[name], host.expected(name, host.chosen(BOTH)), name)
     assert [(r.label, r.schedule.steps) for r in job.passes] == [("first pass", STEPS), ("hires pass", 4)]
-    assert pass_choices(job, job.passes[1]) == ([[BOTH] * 4] * len(MANAGED), ("subject", "style", "both"))
+    assert job.passes[1].choices() == ([[BOTH] * 4] * len(MANAGED), ("subject", "style", "both"))
 
 
 def test_klora_first_pass_then_dynamic_hires_pass(host: Host) -> None:
@@ -477,7 +476,7 @@ def test_klora_first_pass_then_dynamic_hires_pass(host: Host) -> None:
         close(outputs[name], host.expected(name, host.chosen(choice)), name)
     assert [r.label for r in job.passes] == ["first pass", "hires pass"]
     assert job.passes[0].schedule is not None and job.passes[1].schedule is None
-    table, labels = pass_choices(job, job.passes[1])
+    table, labels = job.passes[1].choices()
     assert labels == ("subject", "style") and table == [[c] * 2 for c in choices]
 
 
