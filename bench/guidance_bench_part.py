@@ -3,7 +3,7 @@
 * unguided step: one evaluation of an SD1.5-sized UNet (diffusers ``UNet2DConditionModel`` with the SD1.5
   configuration, random weights) on a batch of 2 (CFG: cond + uncond), a 64×64 latent and a 77×768 context,
   then the CFG combination into x̂0, all under ``torch.no_grad()`` as in the WebUI;
-* guided step: the same, plus :func:`lib_klora.guidance.guide_x0` with ``iters=1``: TAESD decode to 512 px,
+* guided step: the same, plus `guide_x0` (lib_klora.guidance.refine) with ``iters=1``: TAESD decode to 512 px,
   CLIP ViT-B/32 and DINO ViT-S/16 at 224 px, and the backward pass to the latent (random weights throughout).
 
 Both are timed side by side in interleaved repeats; the figure is the ratio of the median step times
@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_klora.encoders import ClipImageEncoder, DinoEncoder
-from lib_klora.guidance import GuidanceConfig, GuidanceEncoders, ReferenceSet, guide_x0
-from lib_klora.scores import resolve_device
-from lib_klora.taesd import TaesdDecoder, decoder_from_state_dict
+from lib_klora.fusion.scores import resolve_device
+from lib_klora.guidance.encoders import ClipImageEncoder, DinoEncoder
+from lib_klora.guidance.refine import GuidanceConfig, GuidanceEncoders, ReferenceSet, guide_x0
+from lib_klora.guidance.taesd import TaesdDecoder, decoder_from_state_dict
 
 # runwayml/stable-diffusion-v1-5 unet/config.json, written out so the bench needs no download.
 SD15_UNET_CONFIG = {

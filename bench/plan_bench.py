@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_klora.cache import ScoreCache
-from lib_klora.engine import plan_from_files
-from lib_klora.lora_file import read_lora_file
-from lib_klora.plan import PlanSettings
-from lib_klora.selection import LayerSelection
-from lib_klora.synthetic import make_lora_tensors, unet_layer_shapes, write_lora
+from lib_klora.engines.tracking import LayerSelection
+from lib_klora.fusion.cache import ScoreCache
+from lib_klora.fusion.from_files import plan_from_files
+from lib_klora.fusion.plan import PlanSettings
+from lib_klora.loras.lora_file import read_lora_file
+from lib_klora.tools.synthetic import make_lora_tensors, unet_layer_shapes, write_lora
 
 
 def official_layer_cost(subject, style, device: torch.device, repeats: int = 3) -> float:

@@ -1,3 +1,3 @@
-from .cli import main
+from lib_klora.tools.cli import main
 
 raise SystemExit(main())

@@ -7,8 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_klora.cache import ScoreCache
-from lib_klora.synthetic import make_lora_tensors, write_lora
+from lib_klora.fusion.cache import ScoreCache
+from lib_klora.tools.synthetic import make_lora_tensors, write_lora
 
 # A few real SD1.5 UNet layers (diffusers path -> (out, in)), small enough for fast tests.
 SMALL_SHAPES = {

@@ -21,11 +21,11 @@ def load_script_class() -> type:
     """The script class of the running WebUI, with its callbacks registered (called once, at import)."""
     host = detect_host()
     if host == "a1111":
-        from . import a1111
+        from lib_klora.hosts import a1111
 
         a1111.register_callbacks()
         return a1111.KLoraScript
-    from . import forge
+    from lib_klora.hosts import forge
 
     forge.register_callbacks(host)
     return forge.KLoraScript

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from modules import script_callbacks, shared
 
-from ..errors import KLoraError
-from ..params import KLoraParams
-from . import a1111_engine as engine
-from . import webui
+from lib_klora.engines import slots as engine
+from lib_klora.errors import KLoraError
+from lib_klora.hosts import webui
+from lib_klora.params.model import KLoraParams
 
 network_cache = engine.NetworkCache()
 # The denoiser of the evaluation in progress: `on_cfg_after_cfg` gets no processing object, only x̂0. A weak

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from modules import script_callbacks, shared
 
-from ..lora_file import LowRankModule
-from ..params import KLoraParams
-from . import patcher_engine as engine
-from . import webui
+from lib_klora.engines import patcher as engine
+from lib_klora.hosts import webui
+from lib_klora.loras.lora_file import LowRankModule
+from lib_klora.params.model import KLoraParams
 
 
 class ForgeApi:

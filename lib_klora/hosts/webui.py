@@ -17,17 +17,17 @@ from typing import Any
 import gradio as gr
 from modules import devices, extra_networks, paths, scripts, shared
 
-from .. import __version__
-from ..cache import ScoreCache
-from ..cli import map_title
-from ..errors import KLoraError
-from ..guidance import Decode
-from ..guidance_run import GuidanceModels, GuidanceRun
-from ..params import KLoraParams, ParamsError
-from ..plan import FusionPlan, PlanSettings
-from ..prompt_tag import find_extra_networks, find_tags, params_from_tag
-from ..selection_map import render_selection_map
-from .a1111_engine import resolve_lora
+from lib_klora import __version__
+from lib_klora.engines.slots import resolve_lora
+from lib_klora.errors import KLoraError
+from lib_klora.fusion.cache import ScoreCache
+from lib_klora.fusion.plan import FusionPlan, PlanSettings
+from lib_klora.fusion.selection_map import render_selection_map
+from lib_klora.guidance.refine import Decode
+from lib_klora.guidance.run import GuidanceModels, GuidanceRun
+from lib_klora.params.model import KLoraParams, ParamsError
+from lib_klora.params.prompt_tag import find_extra_networks, find_tags, params_from_tag
+from lib_klora.tools.cli import map_title
 
 TITLE = "K-LoRA"
 NOTE_KEY = "K-LoRA note"
@@ -155,7 +155,7 @@ def begin_job(
     Returns the job, or None when K-LoRA is off or the job was stopped with a message (bad parameters,
     unusable LoRAs, any failure while preparing them: an image without the fusion asked for is worse).
     """
-    from ..scores import ScoringInterrupted
+    from lib_klora.fusion.scores import ScoringInterrupted
 
     p._klora = None
     try:
@@ -209,7 +209,7 @@ class KLoraScriptBase(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool) -> list:
-        from ..ui import build_ui
+        from lib_klora.web.ui import build_ui
 
         defaults = KLoraParams(
             pattern=opt("klora_default_pattern", "s"), show_map=opt("klora_show_map", False)
@@ -301,7 +301,7 @@ def latent_kind() -> str:
 def taesd_decoder() -> Any:
     """A private, differentiable TAESD decoder for the current model on the WebUI's device, built outside
     inference mode: from models/klora (safetensors), else from the WebUI's own live-preview decoder."""
-    from ..taesd import DECODER_FILES, load_taesd_decoder
+    from lib_klora.guidance.taesd import DECODER_FILES, load_taesd_decoder
 
     kind = latent_kind()
     decoder = taesd_decoders.get(kind)
@@ -415,7 +415,7 @@ class ExtraNetworkKLora(extra_networks.ExtraNetwork):
 
 def on_before_ui() -> None:
     extra_networks.register_extra_network(ExtraNetworkKLora())
-    from . import xyz
+    from lib_klora.hosts import xyz
 
     xyz.register_xyz_axes(xyz.find_xyz_module(scripts), lambda: lora_names())
 
@@ -425,7 +425,7 @@ PlanForNames = Callable[[str, str, PlanSettings], FusionPlan]
 
 def plan_for_names(subject: str, style: str, settings: PlanSettings) -> FusionPlan:
     """The `/klora/v1/plan` route's plan: the LoRA files read by this extension's own reader."""
-    from ..engine import plan_from_files
+    from lib_klora.fusion.from_files import plan_from_files
 
     files = [lora_file(name) for name in (subject, style)]
     return plan_from_files(*files, settings, device=score_device(), cache=score_cache)
@@ -433,8 +433,8 @@ def plan_for_names(subject: str, style: str, settings: PlanSettings) -> FusionPl
 
 def make_app_started(plan_for_names: PlanForNames = plan_for_names) -> Callable[[Any, Any], None]:
     def on_app_started(_demo: Any, app: Any) -> None:
-        from .. import api
-        from . import detect_host
+        from lib_klora.hosts import detect_host
+        from lib_klora.web import api
 
         api.register_routes(app, version=__version__, plan_for_names=plan_for_names, host=detect_host())
         credentials = getattr(shared.cmd_opts, "api_auth", None)

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..params import XYZ_AXES, ParamsError, XyzAxis, apply_xyz
+from lib_klora.params.model import XYZ_AXES, ParamsError, XyzAxis, apply_xyz
 
 __all__ = [
     "LORA_AXIS_COST",

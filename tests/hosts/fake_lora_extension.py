@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from lib_klora.synthetic import make_lora_tensors, write_lora
+from lib_klora.tools.synthetic import make_lora_tensors, write_lora
 
 NetworkWeights = namedtuple("NetworkWeights", ["network_key", "sd_key", "w", "sd_module"])
 
@@ -453,7 +453,7 @@ def write_kohya_lora(
 ) -> Path:
     """A kohya LoRA over `layers` (A1111 layer name -> gain) of `model`, in float32 for exact comparisons.
 
-    Linears come from `lib_klora.synthetic.make_lora_tensors`; the 3x3 conv gets a kohya LoCon pair
+    Linears come from `lib_klora.tools.synthetic.make_lora_tensors`; the 3x3 conv gets a kohya LoCon pair
     (down: rank x in x 3 x 3, up: out x rank x 1 x 1).
     """
     tensors: dict[str, torch.Tensor] = {}

@@ -13,17 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_klora.dynamic import kl_divergences
-from lib_klora.hosts import patcher_engine as engine
-from lib_klora.hosts.patcher_engine import (
-    LowRankFactors,
-    PatcherJob,
-    build_patcher_job,
-    module_deltas,
-    on_step,
-)
-from lib_klora.params import KLoraParams
-from lib_klora.plan import FusionPlan, StepSchedule
+from lib_klora.dynamic.selectors import kl_divergences
+from lib_klora.engines import patcher as engine
+from lib_klora.engines.patcher import LowRankFactors, PatcherJob, build_patcher_job, module_deltas, on_step
+from lib_klora.fusion.plan import FusionPlan, StepSchedule
+from lib_klora.params.model import KLoraParams
 from tests.hosts.fake_patcher_hosts import (
     ForgeConv2d,
     ForgeLinear,

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 import lib_klora.hosts as hosts_package
-from lib_klora.dynamic import DenseBranch, LowRankBranch, SlicedBranch
-from lib_klora.hosts import patcher_engine as engine
-from lib_klora.params import KLoraParams
+from lib_klora.dynamic.selectors import DenseBranch, LowRankBranch, SlicedBranch
+from lib_klora.engines import patcher as engine
+from lib_klora.params.model import KLoraParams
 from tests.hosts.fake_patcher_hosts import (
     KLORA_HOST_MODULES,
     FakeWebUI,

@@ -1,0 +1,491 @@
+"""AUTOMATIC1111 v1.10: K-LoRA through "slot networks" in the built-in Lora extension.
+
+The built-in Lora stays the only writer of layer weights: two slot networks (subject, style) sit in
+`networks.loaded_networks`; their `.modules.get()` answers with the currently chosen LoRA module, and a
+layer whose choice flips is marked dirty so Lora re-merges exactly that layer from its own backup.
+This module touches only the Lora extension's modules (found by identity in sys.modules) and plain
+attributes of the processing object; the WebUI's `modules` are imported by `a1111.py`, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lib_klora.dynamic.selectors import (
+    Branch,
+    ConvSpec,
+    DenseBranch,
+    DynamicSelector,
+    HookSet,
+    LowRankBranch,
+    install_hooks,
+)
+from lib_klora.engines.job import on_sampling_failure
+from lib_klora.engines.tracking import LayerSelection, PassRecord, PassTracker
+from lib_klora.errors import KLoraError
+from lib_klora.fusion.cache import ScoreCache
+from lib_klora.fusion.plan import FusionPlan, PlanSettings, StepSchedule
+from lib_klora.fusion.scores import ScoreTable, compute_scores
+from lib_klora.loras.lora_file import PICKLE_SUFFIXES
+from lib_klora.params.model import KLoraParams
+
+UNET_PREFIX = "diffusion_model_"
+DIRTY = ("klora-dirty",)
+
+
+class KLoraJobError(KLoraError):
+    """A K-LoRA job cannot run as configured (unknown LoRA, bad tag, unusable file)."""
+
+
+def lora_extension() -> Any:
+    """The built-in Lora extension's `networks` module, identity-checked (the name is generic)."""
+    module = sys.modules.get("networks")
+    if (
+        module is not None
+        and hasattr(module, "network_apply_weights")
+        and hasattr(module, "available_networks")
+    ):
+        return module
+    return None
+
+
+def is_text_encoder_layer(name: str) -> bool:
+    return not name.startswith(UNET_PREFIX)
+
+
+def resolve_lora(nets: Any, name: str) -> Any:
+    """Find a LoRA by name or alias in the WebUI's list only: never a filesystem path."""
+
+    def lookup() -> Any:
+        if name.lower() in nets.forbidden_network_aliases:
+            return nets.available_networks.get(name)
+        return nets.available_network_aliases.get(name)
+
+    found = lookup()
+    if found is None:
+        nets.list_available_networks()  # the user may have added the file since start-up
+        found = lookup()
+    if found is None:
+        raise KLoraJobError(f"K-LoRA: LoRA '{name}' is not in the WebUI's LoRA list")
+    if os.path.splitext(found.filename)[1].lower() in PICKLE_SUFFIXES:
+        raise KLoraJobError(
+            f"K-LoRA: LoRA '{name}' is a pickle file ({os.path.basename(found.filename)}); "
+            "K-LoRA only loads .safetensors"
+        )
+    return found
+
+
+class NetworkCache:
+    """Privately loaded `network.Network` objects, keyed by file, mtime and model identity."""
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self.max_entries = max_entries
+        self._nets: dict[tuple[str, float, int], Any] = {}
+
+    def load(self, nets: Any, name: str, model: Any) -> Any:
+        on_disk = resolve_lora(nets, name)
+        key = (on_disk.filename, os.path.getmtime(on_disk.filename), id(model))
+        net = self._nets.pop(key, None)
+        if net is None:
+            net = nets.load_network(name, on_disk)
+        self._nets[key] = net  # most recent last
+        while len(self._nets) > self.max_entries:
+            self._nets.pop(next(iter(self._nets)))
+        return net
+
+    def clear(self) -> None:
+        self._nets.clear()
+
+
+class HostDelta:
+    """A `DeltaSource` over an A1111 NetworkModule: low-rank factors when plain LoRA, else calc_updown."""
+
+    def __init__(self, module: Any, layer: torch.nn.Module) -> None:
+        self.module, self.layer, self.stem = module, layer, module.sd_key
+        weight = layer.weight
+        self.numel = int(weight.numel())
+        self.rank = int(getattr(module, "dim", None) or min(weight.shape[0], weight[0].numel()))
+        plain = (
+            hasattr(module, "up_model")
+            and getattr(module, "mid_model", None) is None
+            and getattr(module, "dora_scale", None) is None
+            and getattr(module.network, "dyn_dim", None) is None
+        )
+        if plain:
+            self.factors = self._factors
+
+    def _factors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        up = self.module.up_model.weight.to(device=device, dtype=torch.float32)
+        down = self.module.down_model.weight.to(device=device, dtype=torch.float32)
+        up = up.reshape(up.shape[0], -1) * float(self.module.calc_scale())
+        return up, down.reshape(down.shape[0], -1)
+
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        backup = getattr(self.layer, "network_weights_backup", None)
+        weight = backup if isinstance(backup, torch.Tensor) else self.layer.weight
+        updown, _ = self.module.calc_updown(weight.to(device))
+        return updown.float().reshape(updown.shape[0], -1)
+
+
+def _slot_class(network_module: Any) -> type:
+    """Build the slot Network subclass once the Lora extension's `network` module exists."""
+    cached = getattr(network_module, "_klora_slot_class", None)
+    if cached is not None:
+        return cached
+
+    class SlotModules(dict):
+        """Stays empty (extensions iterating .items() see nothing); `get` serves the current choice.
+
+        It must never raise: it runs inside the UNet forward, outside any try (pitfall P6)."""
+
+        def __init__(self, job: Job, which: int) -> None:
+            super().__init__()
+            self.job, self.which = job, which
+
+        def get(self, key: str, default: Any = None) -> Any:
+            try:
+                job = self.job
+                layer = job.owner.get(key)
+                if layer is None or not job.selection.enabled(self.which, layer):
+                    return default
+                return job.nets[self.which].modules.get(key, default)
+            except Exception:  # see class docstring
+                return default
+
+        def __getitem__(self, key: str) -> Any:
+            value = self.get(key)
+            if value is None:
+                raise KeyError(key)
+            return value
+
+        def __contains__(self, key: object) -> bool:
+            return isinstance(key, str) and self.get(key) is not None
+
+    class KLoraSlot(network_module.Network):
+        def __init__(self, job: Job, which: int, signature: str, strength: float) -> None:
+            source = job.nets[which]
+            super().__init__(f"klora:{('subject', 'style')[which]}:{signature}", source.network_on_disk)
+            self.modules = SlotModules(job, which)
+            self.te_multiplier = self.unet_multiplier = strength
+            self.dyn_dim = None
+            self.mtime = source.mtime
+            self.mentioned_name = None  # keeps it out of Lora's "Lora hashes" infotext
+
+    network_module._klora_slot_class = KLoraSlot
+    return KLoraSlot
+
+
+@dataclass
+class DynamicState:
+    """Method "dynamic" of one job: the selector, its forward hooks and whether a dynamic pass runs now."""
+
+    selector: DynamicSelector
+    hooks: HookSet
+    live: bool = False
+
+    def remove(self) -> None:
+        self.live = False
+        self.hooks.remove()
+
+
+@dataclass
+class Job:
+    """Everything K-LoRA holds for one generation; lives on `p._klora` and dies with it."""
+
+    params: KLoraParams | None  # first pass; None = K-LoRA off there (hires-only tag)
+    hires_params: KLoraParams | None
+    nets: tuple[Any, Any]
+    model: Any
+    table: ScoreTable
+    owner: dict[str, str]  # module key in net.modules -> owning layer name
+    layer_modules: list[torch.nn.Module]  # managed UNet layers, in plan order
+    touched_modules: list[torch.nn.Module]  # every layer either LoRA adapts
+    selection: LayerSelection
+    tracker: PassTracker = field(default_factory=PassTracker)
+    plans: dict[PlanSettings, FusionPlan] = field(default_factory=dict)
+    passes: list[PassRecord] = field(default_factory=list)
+    slots: list[Any] = field(default_factory=list)
+    failed: str | None = None
+    schedule: StepSchedule | None = None
+    unet_touched: dict[str, torch.nn.Module] = field(default_factory=dict)  # UNet layers either LoRA adapts
+    dynamic: DynamicState | None = None
+    guidance: Any = None  # GuidanceRun of the host glue, when reference guidance is on
+    sigma: Any = None  # the current evaluation's sigma (guidance scales its nudge by it)
+
+    def params_for(self, is_hires: bool) -> KLoraParams | None:
+        return self.hires_params if is_hires else self.params
+
+    def plan_for(self, params: KLoraParams) -> FusionPlan:
+        settings = params.to_plan_settings()  # frozen and hashable: equal settings share one plan
+        if settings not in self.plans:
+            self.plans[settings] = FusionPlan(self.table, settings)
+        return self.plans[settings]
+
+
+def _layer_mapping(model: Any) -> dict[str, torch.nn.Module]:
+    return getattr(model, "network_layer_mapping", {}) or {}
+
+
+def build_job(
+    nets: Any,
+    cache: NetworkCache,
+    scores: ScoreCache,
+    model: Any,
+    first_params: KLoraParams | None,
+    hires_params: KLoraParams | None,
+    *,
+    device: torch.device | str,
+    digest: Callable[[str], str],
+    should_stop: Callable[[], bool] | None = None,
+) -> Job:
+    """Load both LoRAs privately through the host loader and score their shared UNet layers (cached)."""
+    params = first_params or hires_params
+    if params is None:
+        raise ValueError("build_job needs the parameters of at least one pass")
+    loaded = (cache.load(nets, params.subject, model), cache.load(nets, params.style, model))
+    mapping = _layer_mapping(model)
+    owner: dict[str, str] = {}
+    per_lora: list[dict[str, HostDelta]] = []
+    for net in loaded:
+        deltas: dict[str, HostDelta] = {}
+        for key, module in net.modules.items():
+            layer = getattr(module.sd_module, "network_layer_name", None) or key
+            owner[key] = layer
+            if layer.startswith(UNET_PREFIX) and layer in mapping and key == layer:
+                deltas[layer] = HostDelta(module, mapping[layer])
+        per_lora.append(deltas)
+    for name, deltas in zip((params.subject, params.style), per_lora, strict=True):
+        if not deltas:
+            raise KLoraJobError(
+                f"K-LoRA: the WebUI's Lora loader found no UNet layer of the current model in LoRA '{name}' "
+                "(another base model, or a key format A1111 cannot read)"
+            )
+    shared_layers = set(per_lora[0]) & set(per_lora[1])
+    if not shared_layers:
+        raise KLoraJobError(f"K-LoRA: '{params.subject}' and '{params.style}' adapt no UNet layer in common")
+
+    files = [net.network_on_disk.filename for net in loaded]
+    key = (*[digest(f) for f in files], f"a1111-{type(model).__name__}")
+    table = scores.get(key)
+    if table is None:
+        saved = [(net.te_multiplier, net.unet_multiplier) for net in loaded]
+        try:  # score at strength 1: strengths are applied by the plan
+            for net in loaded:
+                net.te_multiplier = net.unet_multiplier = 1.0
+            with torch.no_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+                table = compute_scores(
+                    per_lora, device=device, should_stop=should_stop, labels=[params.subject, params.style]
+                )
+        finally:
+            for net, (te, unet) in zip(loaded, saved, strict=True):
+                net.te_multiplier, net.unet_multiplier = te, unet
+        scores.put(key, table)
+    for net, strength in zip(loaded, (params.subject_strength, params.style_strength), strict=True):
+        net.te_multiplier = net.unet_multiplier = strength
+
+    managed = [layer.canonical for layer in table.layers]
+    touched = sorted({owner[k] for net in loaded for k in net.modules})
+    selection = LayerSelection(managed, te_policy=params.te_policy, is_text_encoder=is_text_encoder_layer)
+    job = Job(
+        params=first_params,
+        hires_params=hires_params,
+        nets=loaded,
+        model=model,
+        table=table,
+        owner=owner,
+        layer_modules=[mapping[name] for name in managed],
+        touched_modules=[mapping[name] for name in touched if name in mapping],
+        selection=selection,
+        unet_touched={n: mapping[n] for n in touched if n in mapping and n.startswith(UNET_PREFIX)},
+    )
+    if any(p is not None and p.method == "dynamic" for p in (first_params, hires_params)):
+        job.dynamic = build_dynamic(job, params)
+    return job
+
+
+def branch_for(module: Any, layer: torch.nn.Module, strength: float) -> Branch:
+    """The activation-side delta of one A1111 NetworkModule on `layer`, at `strength`.
+
+    Plain LoRA (LoCon) stays low-rank; anything else (LoHa, LoKr, DoRA, CP cores) becomes a dense ΔW from the
+    module's own calc_updown, computed once here."""
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise KLoraJobError(
+            f"K-LoRA: method 'dynamic' supports Linear and Conv2d layers, not {type(layer).__name__} "
+            f"({getattr(layer, 'network_layer_name', '?')})"
+        )
+    conv = ConvSpec.of(layer) if isinstance(layer, torch.nn.Conv2d) else None
+    dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
+    source = HostDelta(module, layer)
+    with torch.no_grad():
+        if hasattr(source, "factors"):
+            up = module.up_model.weight.detach().to(dtype)
+            down = module.down_model.weight.detach().to(dtype)
+            return LowRankBranch(up, down, strength * float(module.calc_scale()), conv=conv)
+        saved = module.network.unet_multiplier
+        try:  # calc_updown applies the network's multiplier: compute at this job's strength
+            module.network.unet_multiplier = strength
+            weight = source.delta(layer.weight.device)
+        finally:
+            module.network.unet_multiplier = saved
+        return DenseBranch(weight.to(dtype).reshape(layer.weight.shape), conv=conv)
+
+
+def build_dynamic(job: Job, params: KLoraParams) -> DynamicState:
+    """Branches for every UNet layer either LoRA adapts, the selector, and (inactive) forward hooks."""
+    branches: dict[str, list[Branch | None]] = {}
+    strengths = (params.subject_strength, params.style_strength)
+    for which, net in enumerate(job.nets):
+        for key, module in net.modules.items():
+            layer = job.owner.get(key)
+            if layer in job.unet_touched and key == layer:
+                pair = branches.setdefault(layer, [None, None])
+                pair[which] = branch_for(module, job.unet_touched[layer], strengths[which])
+    selector = DynamicSelector.for_params(len(job.table.layers), params)
+    index = {layer.canonical: i for i, layer in enumerate(job.table.layers)}
+    state = DynamicState(selector, HookSet())
+    state.hooks = install_hooks(
+        job.unet_touched,
+        {name: (pair[0], pair[1]) for name, pair in branches.items()},
+        selector,
+        index,
+        is_live=lambda: state.live and not job.failed,
+        in_place=True,  # Linear/Conv2d outputs under no_grad are fresh tensors (Lora's patched forwards too)
+    )
+    return state
+
+
+def signature(params: KLoraParams) -> str:
+    """Constant for a pass; part of the slots' names, which Lora compares to decide re-merges.
+    JSON, so no LoRA name can make two different settings collide."""
+    fields = (
+        "subject",
+        "style",
+        "subject_strength",
+        "style_strength",
+        "method",
+        "pattern",
+        "alpha",
+        "effective_beta",
+        "gamma",
+        "te_policy",
+        "seed",
+    )
+    return json.dumps([getattr(params, name) for name in fields], separators=(",", ":"))
+
+
+def remove_slots(nets: Any) -> None:
+    slot_class = getattr(sys.modules.get("network"), "_klora_slot_class", None)
+    if slot_class is not None and nets is not None:
+        nets.loaded_networks[:] = [n for n in nets.loaded_networks if not isinstance(n, slot_class)]
+
+
+def inject_slots(nets: Any, job: Job, is_hires: bool) -> bool:
+    """Idempotently put this pass's slots at the end of `loaded_networks` (after the user's LoRAs)."""
+    remove_slots(nets)
+    params = job.params_for(is_hires)
+    if job.failed or params is None:
+        return False
+    slot_class = _slot_class(sys.modules["network"])
+    sig = signature(params)
+    job.selection.te_policy = params.te_policy
+    job.slots = [
+        slot_class(job, 0, sig, params.subject_strength),
+        slot_class(job, 1, sig, params.style_strength),
+    ]
+    for net, strength in zip(job.nets, (params.subject_strength, params.style_strength), strict=True):
+        net.te_multiplier = net.unet_multiplier = strength
+    nets.loaded_networks.extend(job.slots)
+    return True
+
+
+def mark_dirty(module: torch.nn.Module) -> None:
+    # Only layers Lora holds a pristine backup for: marking a never-merged layer would make Lora raise.
+    if getattr(module, "network_weights_backup", None) is not None:
+        module.network_current_names = DIRTY
+
+
+def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> None:
+    """Per sampler evaluation: find the real step of this pass, switch layers whose choice changes."""
+    params = job.params_for(is_hires)
+    if job.failed:
+        return
+    if params is None:
+        if job.dynamic is not None:
+            job.dynamic.live = False
+        return
+    new_pass = job.tracker.update(denoiser, int(denoiser.step), int(denoiser.total_steps), evals_per_step)
+    label = "hires pass" if is_hires else "first pass"
+    dynamic = params.method == "dynamic"
+    if new_pass:
+        job.selection.denoiser_by_hooks = dynamic
+        if dynamic:
+            assert job.dynamic is not None
+            job.dynamic.selector.begin_pass(label, job.tracker.steps)
+            job.schedule = None
+        else:
+            job.schedule = job.plan_for(params).schedule(job.tracker.steps)
+        if job.dynamic is not None:
+            job.dynamic.live = dynamic
+        if not any(record.label == label for record in job.passes):
+            selector = job.dynamic.selector if dynamic and job.dynamic is not None else None
+            job.passes.append(PassRecord(label, params, job.schedule, selector))
+        # A new pass re-merges every UNet layer either LoRA adapts: a previous job or pass may have left
+        # another choice merged, and a pass of the other kind (hooks vs merges) leaves the opposite state.
+        for module in job.unet_touched.values():
+            mark_dirty(module)
+    if dynamic:
+        assert job.dynamic is not None
+        job.dynamic.selector.set_step(job.tracker.step)
+        return
+    assert job.schedule is not None
+    changed = job.selection.apply(job.schedule.at(job.tracker.step).tolist())
+    for i in changed:
+        mark_dirty(job.layer_modules[i])
+
+
+def restore_layers(nets: Any, modules: Sequence[torch.nn.Module]) -> int:
+    """Put back the pristine weights of every layer a job touched, from Lora's own backups."""
+    restored = 0
+    with torch.no_grad():  # weights are leaf parameters: an in-place copy under autograd would raise
+        restored = _restore(nets, modules)
+    return restored
+
+
+def _restore(nets: Any, modules: Sequence[torch.nn.Module]) -> int:
+    restored = 0
+    for module in modules:
+        if getattr(module, "network_current_names", ()) != ():
+            if getattr(module, "network_weights_backup", None) is not None:
+                nets.network_restore_weights_from_backup(module)
+            module.network_current_names = ()
+            restored += 1
+    return restored
+
+
+def teardown(nets: Any, job: Job) -> int:
+    """End of a job (normal, interrupted or failed): hooks off, slots out, every touched weight restored."""
+    job.selection.live = False
+    if job.dynamic is not None:
+        job.dynamic.remove()
+    remove_slots(nets)
+    return restore_layers(nets, job.touched_modules)
+
+
+def guard_sample(
+    p: Any, job: Job, nets: Any, on_failure: Callable[[BaseException], None] | None = None
+) -> None:
+    """Make a failing `p.sample` end the job at once: hooks removed, slots out, weights restored."""
+
+    def cleanup(exc: BaseException) -> None:
+        teardown(nets, job)
+        if on_failure is not None:
+            on_failure(exc)
+
+    on_sampling_failure(p, cleanup)

@@ -1,0 +1,54 @@
+"""`python -m lib_klora demo`: the main job end to end on synthetic LoRAs, with no downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lib_klora.fusion.from_files import plan_from_files
+from lib_klora.fusion.plan import PlanSettings
+from lib_klora.fusion.selection_map import save_selection_map
+from lib_klora.tools.cli import map_title, summary
+from lib_klora.tools.synthetic import depth_gain, make_lora_tensors, unet_layer_shapes, write_lora
+
+
+def write_demo_loras(out: Path) -> tuple[Path, Path]:
+    """An SD1.5-shaped subject LoRA (kohya format, rank 8, stronger in the encoder) and style LoRA
+    (the official K-LoRA script's diffusers format, rank 16, stronger in the decoder): two formats that
+    must pair up layer by layer."""
+    shapes = unet_layer_shapes("sd15")
+    subject = make_lora_tensors(
+        shapes, 8, seed=1, key_format="kohya", alpha=4.0, layer_gain=depth_gain("down")
+    )
+    style = make_lora_tensors(shapes, 16, seed=2, key_format="diffusers", layer_gain=depth_gain("up"))
+    meta = {"ss_base_model_version": "sd_v1"}
+    return (
+        write_lora(out / "demo_subject.safetensors", subject, meta),
+        write_lora(out / "demo_style.safetensors", style),
+    )
+
+
+def run_demo(out: Path, steps: int = 30, quiet: bool = False) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    subject, style = write_demo_loras(out)
+    written = {"subject": subject, "style": style}
+    for pattern in ("s", "s*"):
+        plan = plan_from_files(subject, style, PlanSettings(pattern=pattern))
+        tag = "s" if pattern == "s" else "s_star"
+        json_path = out / f"plan_{tag}.json"
+        json_path.write_text(json.dumps(plan.to_json(steps), indent=1))
+        schedule = plan.schedule(steps)
+        png_path = save_selection_map(
+            out / f"selection_map_{tag}.png",
+            plan.layer_names,
+            schedule.choices.tolist(),
+            schedule.labels,
+            map_title(plan),
+        )
+        written[f"plan_{tag}"], written[f"map_{tag}"] = json_path, png_path
+        if not quiet:
+            print(f"== pattern {pattern} ==\n{summary(plan, steps)}")
+    if not quiet:
+        for name, path in written.items():
+            print(f"{name:>12}: {path}")
+    return written

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from lib_klora.tools.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_plan_writes_contract_json_and_png(lora_pair, tmp_path: Path, capsys) -> None:
+    subject, style = lora_pair
+    out_json, out_png = tmp_path / "plan.json", tmp_path / "map.png"
+    code = main(
+        [
+            "plan",
+            str(subject),
+            str(style),
+            "--steps",
+            "20",
+            "--pattern",
+            "s*",
+            "--beta",
+            "1.275",
+            "--json",
+            str(out_json),
+            "--png",
+            str(out_png),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    document = json.loads(out_json.read_text())
+    assert document["steps"] == 20 and document["beta"] == 1.275 and document["alpha"] == 1.5
+    assert all(len(layer["choices"]) == 20 for layer in document["layers"])
+    with Image.open(out_png) as image:
+        assert image.format == "PNG" and image.width > 100
+
+
+def test_plan_json_to_stdout(lora_pair, capsys) -> None:
+    assert main(["plan", *map(str, lora_pair), "--steps", "3", "--json", "-", "--method", "merge"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["layers"][0]["choices"] == ["both", "both", "both"]
+
+
+def test_bad_file_gives_exit_2_and_a_clear_message(lora_pair, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"\x80\x04junk")
+    assert main(["plan", str(bad), str(lora_pair[1]), "--steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.ckpt" in err and "pickle" in err
+    assert "Traceback" not in err
+
+
+def test_module_entry_point_and_demo(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lib_klora", "demo", "--out", str(tmp_path / "demo"), "--steps", "12"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    names = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {
+        "demo_subject.safetensors",
+        "demo_style.safetensors",
+        "plan_s.json",
+        "selection_map_s.png",
+        "plan_s_star.json",
+        "selection_map_s_star.png",
+    } <= names
+    plan = json.loads((tmp_path / "demo" / "plan_s.json").read_text())
+    choices = {c for layer in plan["layers"] for c in layer["choices"]}
+    assert choices == {"subject", "style"}
+
+
+def test_bad_steps_is_a_usage_error(lora_pair) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lib_klora", "plan", *map(str, lora_pair), "--steps", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--steps must be a positive integer" in result.stderr
