@@ -1,4 +1,4 @@
-"""Command line: `python -m lib_klora plan|demo`."""
+"""Command line: `python -m lib_klora plan|demo|eval|generate`."""
 
 from __future__ import annotations
 
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lib_klora.tools.evaluate import add_eval_parser  # imports no model library until the command runs
 
     add_eval_parser(sub)
+    from lib_klora.tools.generate import add_generate_parser  # diffusers is imported only when it runs
+
+    add_generate_parser(sub)
     return parser
 
 
