@@ -27,6 +27,7 @@ diffusers itself is not imported here: any object with the pipeline's attributes
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -103,11 +104,14 @@ class PipelineFusion:
         originals = {name: getattr(scheduler, name) for name in ("set_timesteps", "step")}
         self._saved = {name: vars(scheduler).get(name) for name in originals}
 
+        # functools.wraps keeps the signatures: pipelines inspect set_timesteps for `sigmas`/`timesteps`.
+        @functools.wraps(originals["set_timesteps"])
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             result = originals["set_timesteps"](*args, **kwargs)
             self._pending = True  # the pass starts at the denoiser's first call, once img2img has cut it
             return result
 
+        @functools.wraps(originals["step"])
         def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
             if self.fusion.wants_guidance():
                 model_output = self._guided(model_output, timestep, sample)
