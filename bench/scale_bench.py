@@ -19,6 +19,8 @@ least-disturbed round is the best estimate of the variant's own cost; medians ar
     fused     both LoRAs merged into the weights (the stacking baseline; costs what `none` costs)
     klora_s   K-LoRA, pattern S, through the generic engine (lib_klora.engines.torch_module)
     klora_s*  K-LoRA, pattern S*
+    klora_w   K-LoRA, pattern S, written into the weights at each layer's switch steps (apply_to="weights":
+              the adapted weights' originals are kept on the CPU, which the CPU's RSS counts)
     dynamic   method dynamic (KL choice per layer and step)
     guidance  K-LoRA S plus reference guidance on every step (random CLIP/DINO/TAESD weights)
 Peak memory per variant: the process's resident set size sampled every 2 ms while the variant runs (CPU),
@@ -27,7 +29,8 @@ or torch.cuda.max_memory_allocated reset per variant (GPU).
     python bench/scale_bench.py [--quick] [--device cpu|cuda] [--models sd15,sdxl,flux] [--rounds N]
 
 Ends with one line: RESULT sdxl_klora_vs_fused=… sdxl_dynamic_vs_fused=… flux_klora_vs_fused=…
-mem_klora_vs_fused=… (K-LoRA = pattern S; memory = SDXL's klora_s peak over fused peak).
+mem_klora_vs_fused=… sdxl_klora_weights_vs_fused=… mem_klora_weights_vs_fused=… (K-LoRA = pattern S
+through hooks, the default; memory = SDXL's peak over the fused variant's peak).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ FLUX = dict(
     axes_dims_rope=(16, 56, 56),
 )
 RANKS = {"sd15": (16, 16), "sdxl": (16, 32), "flux": (16, 16)}
-VARIANTS = ("none", "one", "fused", "klora_s", "klora_s*", "dynamic", "guidance")
+VARIANTS = ("none", "one", "fused", "klora_s", "klora_s*", "klora_w", "dynamic", "guidance")
 STEPS = 30  # the schedule the clock walks through (the timed steps are spread over it)
 
 
@@ -286,6 +289,7 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict[str, 
     fusions: dict[str, ModuleFusion] = {
         "klora_s": ModuleFusion(components, *paths, {"pattern": "s"}),
         "klora_s*": ModuleFusion(components, *paths, {"pattern": "s*"}),
+        "klora_w": ModuleFusion(components, *paths, {"pattern": "s"}, apply_to="weights"),
         "dynamic": ModuleFusion(components, *paths, {"method": "dynamic"}),
     }
     if args.guidance:
@@ -413,7 +417,9 @@ def main() -> int:
     print(
         f"RESULT sdxl_klora_vs_fused={ratio('sdxl', 'klora_s')} "
         f"sdxl_dynamic_vs_fused={ratio('sdxl', 'dynamic')} "
-        f"flux_klora_vs_fused={ratio('flux', 'klora_s')} mem_klora_vs_fused={ratio('sdxl', 'klora_s', 1)}"
+        f"flux_klora_vs_fused={ratio('flux', 'klora_s')} mem_klora_vs_fused={ratio('sdxl', 'klora_s', 1)} "
+        f"sdxl_klora_weights_vs_fused={ratio('sdxl', 'klora_w')} "
+        f"mem_klora_weights_vs_fused={ratio('sdxl', 'klora_w', 1)}"
     )
     return 0
 

@@ -60,6 +60,7 @@ from lib_klora.dynamic.selectors import (
 from lib_klora.engines.module_targets import TEXT_ENCODER_COMPONENTS, ModuleIndex, Target
 from lib_klora.engines.patcher import compute_dtype
 from lib_klora.engines.tracking import PassRecord
+from lib_klora.engines.weight_switch import WeightSwitch
 from lib_klora.errors import KLoraError
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.from_files import (
@@ -74,7 +75,7 @@ from lib_klora.fusion.selection_map import render_selection_map
 from lib_klora.guidance.refine import Decode
 from lib_klora.guidance.run import GuidanceModels, GuidanceRun
 from lib_klora.loras.lora_file import LowRankModule, read_lora_file
-from lib_klora.params.model import KLoraParams
+from lib_klora.params.model import MAX_NAME_LENGTH, KLoraParams
 
 __all__ = ["FusionError", "ModuleFusion", "klora_params"]
 
@@ -95,10 +96,18 @@ def klora_params(
         if not settings.enabled:
             raise FusionError("the KLoraParams given are not enabled (enabled=True)")
         return settings
-    names = [Path(subject).stem, Path(style).stem]
+    names = [_lora_name(Path(subject)), _lora_name(Path(style))]
     if names[0] == names[1] and Path(subject).resolve() != Path(style).resolve():
         names[1] = f"{names[1]} (style)"  # two files of one name in different folders
     return KLoraParams(**{"enabled": True, "subject": names[0], "style": names[1], **dict(settings or {})})
+
+
+def _lora_name(path: Path) -> str:
+    """The file's stem as a LoRA name (names are not paths: path-like parts become '_')."""
+    name = path.stem
+    for part in ("..", "/", "\\", ":", "<", ">"):
+        name = name.replace(part, "_")
+    return name[:MAX_NAME_LENGTH] or "lora"
 
 
 @dataclass
@@ -138,7 +147,10 @@ class ModuleFusion:
     """Two LoRAs fused on the activation side of a set of torch modules; see the module docstring.
 
     `components`: named modules ("unet"/"transformer", "te"/"te1"/"te2"/"te3"). `params`: KLoraParams or
-    a mapping of its fields (the file stems become the LoRA names). `guidance_models` and `decode` (latent
+    a mapping of its fields (the file stems become the LoRA names). `apply_to="weights"` (K-LoRA and the
+    baselines only) writes W0 + the chosen ΔW into the denoiser's weights at each layer's switch steps
+    instead of hooking it: a step then costs what the base model costs, for a copy of the adapted weights
+    on `backup_device` (restored bit for bit by `end`/`remove`); see engines/weight_switch.py. `guidance_models` and `decode` (latent
     or pixel tensor → image in [0, 1], differentiable) are needed only with reference guidance. `device`
     is where the scores are computed; `cache` keeps them between runs.
     """
@@ -155,8 +167,14 @@ class ModuleFusion:
         prompt: str = "",
         device: str | torch.device | None = "auto",
         cache: ScoreCache | None = None,
+        apply_to: str = "activations",
+        backup_device: str | torch.device = "cpu",
     ) -> None:
         self.params = klora_params(subject, style, params)
+        if apply_to not in ("activations", "weights"):
+            raise FusionError(f"apply_to must be 'activations' or 'weights', got {apply_to!r}")
+        if apply_to == "weights" and self.params.method == "dynamic":
+            raise FusionError("method 'dynamic' decides from the activations: use apply_to='activations'")
         self.files = (Path(subject), Path(style))
         loras = [read_lora_file(f) for f in self.files]
         check_compatible(loras)
@@ -178,6 +196,11 @@ class ModuleFusion:
                 "none of the layers both LoRAs adapt was found in the given modules "
                 f"(components {', '.join(components)}; another base model, or misnamed components?)"
             )
+        self.weights: WeightSwitch | None = None
+        if apply_to == "weights":
+            self.weights = WeightSwitch(backup_device)
+            for hook in self._hooks_plan[0].values():
+                self.weights.add(hook.module, hook.row, (hook.parts[0], hook.parts[1]))
         self.guidance: GuidanceRun | None = None
         if self.params.uses_guidance:
             if guidance_models is None or decode is None:
@@ -242,7 +265,8 @@ class ModuleFusion:
             return self
         denoiser, text = self._hooks_plan
         try:
-            for hooks, live in ((denoiser, self._denoiser_live), (text, self._te_live)):
+            sets = [(text, self._te_live)] if self.weights is not None else []
+            for hooks, live in sets or [(denoiser, self._denoiser_live), (text, self._te_live)]:
                 modules = {key: h.module for key, h in hooks.items()}
                 branches = {key: (_combine(h.parts[0]), _combine(h.parts[1])) for key, h in hooks.items()}
                 rows = {key: h.row for key, h in hooks.items() if h.row is not None}
@@ -261,6 +285,8 @@ class ModuleFusion:
         self._pass_active = False
         while self._hook_sets:
             self._hook_sets.pop().remove()
+        if self.weights is not None:
+            self.weights.restore()
 
     def __enter__(self) -> ModuleFusion:
         return self.install()
@@ -314,10 +340,17 @@ class ModuleFusion:
             self.steps_seen[-1].append(step)
         self._step = step
         self.selector.set_step(step)
+        if self.weights is not None:
+            if not self._installed:
+                raise FusionError("apply_to='weights' writes weights only between install() and remove()")
+            self.weights.apply(self.passes[-1].schedule.at(step).tolist())
 
     def end(self) -> None:
-        """The pass is over: the denoiser hooks leave outputs alone until the next `begin`."""
+        """The pass is over: the denoiser hooks leave outputs alone (written weights are restored) until
+        the next `begin`."""
         self._pass_active = False
+        if self.weights is not None:
+            self.weights.restore()
 
     def step_callback(self, step_index: int, total_steps: int) -> None:
         """The clock in one call per sampler step, before its denoiser call(s): a new pass starts at step

@@ -373,3 +373,31 @@ print("ok", [name for name in sys.modules if name.startswith(("diffusers", "tran
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok ['diffusers', 'transformers']"
+
+
+@pytest.mark.parametrize("settings", [{"pattern": "s"}, {"pattern": "s*"}, {"method": "merge"}])
+def test_weights_mode_computes_what_the_hooks_compute_and_restores_bit_for_bit(unet, pair, settings):
+    before, base = snapshot(unet), _base(unet)
+    runs = []
+    for apply_to in ("activations", "weights"):
+        fusion = ModuleFusion({"unet": unet}, *pair, settings, apply_to=apply_to)
+        with fusion:
+            runs.append(_run(unet, fusion, steps=6))
+        assert same_state(before, unet) and hook_count(unet) == 0
+    for hooked, written in zip(*runs, strict=True):
+        torch.testing.assert_close(written, hooked, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_base(unet), base)
+
+
+def test_weights_mode_restores_after_an_interrupt_and_refuses_dynamic(unet, pair):
+    before = snapshot(unet)
+    fusion = ModuleFusion({"unet": unet}, *pair, apply_to="weights")
+    x, ctx = _inputs()
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), fusion:
+        fusion.step_callback(0, STEPS)
+        assert not same_state(before, unet)  # written while the pass runs
+        unet(x, 500, ctx)
+        raise KeyboardInterrupt
+    assert same_state(before, unet)
+    with pytest.raises(FusionError, match="dynamic"):
+        ModuleFusion({"unet": unet}, *pair, {"method": "dynamic"}, apply_to="weights")
