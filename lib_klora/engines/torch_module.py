@@ -150,9 +150,10 @@ class ModuleFusion:
     a mapping of its fields (the file stems become the LoRA names). `apply_to="weights"` (K-LoRA and the
     baselines only) writes W0 + the chosen ΔW into the denoiser's weights at each layer's switch steps
     instead of hooking it: a step then costs what the base model costs, for a copy of the adapted weights
-    on `backup_device` (restored bit for bit by `end`/`remove`); see engines/weight_switch.py. `guidance_models` and `decode` (latent
-    or pixel tensor → image in [0, 1], differentiable) are needed only with reference guidance. `device`
-    is where the scores are computed; `cache` keeps them between runs.
+    on `backup_device` (restored bit for bit by `end`/`remove`); see engines/weight_switch.py.
+    `guidance_models` and `decode` (latent or pixel tensor → image in [0, 1], differentiable) are needed
+    only with reference guidance. `device` is where the scores are computed; `cache` keeps them between
+    runs.
     """
 
     def __init__(

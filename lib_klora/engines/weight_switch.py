@@ -1,4 +1,4 @@
-"""Static schedules written into the weights: W = W0 + ΔW(choice), rewritten only when a layer's choice changes.
+"""Static schedules written into the weights: W = W0 + ΔW(choice), rewritten when a layer's choice changes.
 
 The alternative to the activation-side hooks for K-LoRA and the baselines (`ModuleFusion(...,
 apply_to="weights")`): a step then costs exactly what the base model costs, at the price of a copy of every
