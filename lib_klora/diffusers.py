@@ -215,6 +215,7 @@ def apply_klora(
     prompt: str = "",
     cache: ScoreCache | None = None,
     device: str | torch.device | None = "auto",
+    apply_to: str = "activations",
     **settings: Any,
 ) -> PipelineFusion:
     """Fuse the `subject` and `style` LoRA files on `pipe` for the runs inside a `with` block.
@@ -222,7 +223,9 @@ def apply_klora(
     Settings are `KLoraParams` fields, as keywords or as `params`; they are validated before anything is
     read. Reference guidance (``guidance=True`` with ``style_refs``/``subject_refs`` as base64 images)
     loads its CLIP/DINO weights from `guidance_weights_dir` (or `guidance_models`) and the `prompt` for
-    the text term.
+    the text term. `apply_to="weights"` (K-LoRA and the baselines) writes the chosen deltas into the
+    denoiser's weights at each layer's switch steps instead of hooking it (no per-step cost; the adapted
+    weights' originals are kept on the CPU and copied back bit for bit when the block ends).
     """
     if params is not None and settings:
         raise TypeError("give the settings either as params or as keywords, not both")
@@ -252,5 +255,6 @@ def apply_klora(
         prompt=prompt,
         device=device,
         cache=cache,
+        apply_to=apply_to,
     )
     return PipelineFusion(pipe, fusion)
