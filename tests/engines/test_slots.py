@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_klora.dynamic.selectors import kl_divergences
+from lib_klora.dynamic.kl import kl_divergences
 from lib_klora.engines import slots as engine
 from lib_klora.engines.slots import (
     DIRTY,
