@@ -18,7 +18,7 @@ import gradio as gr
 from modules import devices, extra_networks, paths, scripts, shared
 
 from lib_klora import __version__
-from lib_klora.engines.slots import resolve_lora
+from lib_klora.engines.job import resolve_lora
 from lib_klora.errors import KLoraError
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.plan import FusionPlan, PlanSettings
@@ -28,7 +28,6 @@ from lib_klora.guidance.run import GuidanceModels, GuidanceRun
 from lib_klora.params.model import KLoraParams
 from lib_klora.params.parsing import ParamsError
 from lib_klora.params.prompt_tag import find_extra_networks, find_tags, params_from_tag
-from lib_klora.tools.cli import map_title
 
 TITLE = "K-LoRA"
 NOTE_KEY = "K-LoRA note"
@@ -240,7 +239,7 @@ def add_selection_maps(processed: Any, job: Any) -> None:
             title = f"{record.label}: {dynamic_title(record.params)}"
         else:
             plan: FusionPlan = job.plan_for(record.params)
-            title = f"{record.label}: {map_title(plan)}"
+            title = f"{record.label}: {plan.title()}"
         choices, labels = record.choices()
         processed.images.append(render_selection_map(names, choices, labels, title))
         processed.infotexts.append(f"K-LoRA selection map, {title}")

@@ -349,12 +349,9 @@ def build_plan_response(body: Any, plan_for_names: PlanForNames) -> dict[str, An
 
 def _map_png_base64(plan: Any, steps: int) -> str:
     from lib_klora.fusion.selection_map import render_selection_map
-    from lib_klora.tools.cli import map_title  # imports torch via the engine: only when a map is asked for
 
     schedule = plan.schedule(steps)
-    image = render_selection_map(
-        plan.layer_names, schedule.choices.tolist(), schedule.labels, map_title(plan)
-    )
+    image = render_selection_map(plan.layer_names, schedule.choices.tolist(), schedule.labels, plan.title())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
