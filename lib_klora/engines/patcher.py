@@ -5,8 +5,9 @@ A1111's slot design does not apply. Instead the two LoRAs are read through the h
 format the host reads works), each managed layer gets a forward hook that adds the chosen LoRA's low-rank
 delta to the host's output, and the host's weights are never touched (quantized NF4/GGUF bases keep working).
 
-Host-free: the adapters (`forge.py`, `reforge.py`) pass in the host's patch dicts, a module lookup and a
-dense-delta function for LoRA types without a plain low-rank form; nothing here imports the WebUI.
+Host-free: the adapters (`ForgeApi`, `ReForgeApi` in hosts/forge.py) pass in the host's patch dicts, a
+module lookup and a dense-delta function for LoRA types without a plain low-rank form; nothing here imports
+the WebUI.
 """
 
 from __future__ import annotations

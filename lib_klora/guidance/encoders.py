@@ -5,8 +5,8 @@ flows from the embedding back to the image and, through the decoder, to the late
 
 Weights, in order of preference:
 1. ``<weights_dir>/open_clip_<model>_<tag>.safetensors`` or ``<weights_dir>/timm_<model>.safetensors``;
-2. with a ``weights_dir``: a download of that file from the Hugging Face hub into it (downloads.py); without
-   one, the library's own download (open_clip / timm via the hub, which also finds its local cache);
+2. with a ``weights_dir``: a download of that file from the Hugging Face hub into it (guidance/downloads.py);
+   without one, the library's own download (open_clip / timm via the hub, which also finds its local cache);
 3. otherwise :class:`ModelUnavailableError`, naming the Hugging Face repo, the file and where to put it.
 
 Models are built under ``torch.inference_mode(False)`` so their parameters are ordinary tensors: Forge samples

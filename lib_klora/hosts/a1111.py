@@ -1,6 +1,7 @@
 """AUTOMATIC1111 v1.10 glue: slot networks in the built-in Lora, the sampler callbacks and guidance decoders.
 
-With `webui.py` (shared by every host) the only files that import the WebUI's `modules` for A1111.
+With `webui.py`, `job_start.py` and `guidance_glue.py` (shared by every host) the only files that import
+the WebUI's `modules` for A1111.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Forge (lllyasviel, `backend/`) and reForge (Panchovix, `ldm_patched`) glue.
 
 Both hosts keep LoRAs in ComfyUI-style model patchers. K-LoRA reads the two LoRAs through the host's own key
-maps and adds the chosen low-rank delta with forward hooks on the host's layers (`patcher_engine`); the text
-encoder gets the policy's LoRAs through a clone of the host's clip patcher; reference guidance runs as the
-unet patcher's post-CFG function, whose input is x̂0 for every sampler. The two hosts differ only in the
+maps and adds the chosen low-rank delta with forward hooks on the host's layers (`engines/patcher.py`); the
+text encoder gets the policy's LoRAs through a clone of the host's clip patcher; reference guidance runs as
+the unet patcher's post-CFG function, whose input is x̂0 for every sampler. The two hosts differ only in the
 functions of `ForgeApi` / `ReForgeApi`.
 """
 

@@ -1,4 +1,4 @@
-"""The Forge/reForge engine (`patcher_engine`: forward hooks over the host's own layers) on CPU stand-ins.
+"""The Forge/reForge engine (`engines/patcher.py`: forward hooks over the host's own layers) on CPU stand-ins.
 
 The layers are the hosts' classes as `fake_patcher_hosts` reproduces them (Forge's Linear is not an
 nn.Linear); the patch dicts are in Forge's value format, ("lora", (up, down, alpha, mid, dora_scale)) etc.,

@@ -1,4 +1,4 @@
-"""Minimal, faithful stand-ins for Forge's and reForge's LoRA machinery, for CPU tests of `patcher_engine`
+"""Minimal, faithful stand-ins for Forge's and reForge's LoRA machinery, for CPU tests of `engines/patcher.py`
 and `hosts/forge.py`.
 
 Written from scratch (no host code copied); each piece reproduces the interface and behaviour of:
