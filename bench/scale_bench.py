@@ -54,7 +54,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_klora.dynamic.selectors import LowRankBranch, install_hooks
+from lib_klora.dynamic.branches import LowRankBranch
+from lib_klora.dynamic.hooks import install_hooks
 from lib_klora.engines.torch_module import ModuleFusion
 from lib_klora.loras.lora_file import read_lora_file
 from lib_klora.tools.synthetic import make_lora_tensors, write_lora

@@ -47,16 +47,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lib_klora.dynamic.selectors import (
-    Branch,
-    ConvSpec,
-    DynamicSelector,
-    FusionSelector,
-    HookSet,
-    LowRankBranch,
-    SlicedBranch,
-    install_hooks,
-)
+from lib_klora.dynamic.branches import Branch, ConvSpec, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.hooks import HookSet, install_hooks
+from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector
 from lib_klora.engines.module_targets import TEXT_ENCODER_COMPONENTS, ModuleIndex, Target
 from lib_klora.engines.patcher import compute_dtype
 from lib_klora.engines.tracking import PassRecord
@@ -75,7 +68,8 @@ from lib_klora.fusion.selection_map import render_selection_map
 from lib_klora.guidance.refine import Decode
 from lib_klora.guidance.run import GuidanceModels, GuidanceRun
 from lib_klora.loras.lora_file import LowRankModule, read_lora_file
-from lib_klora.params.model import MAX_NAME_LENGTH, KLoraParams
+from lib_klora.params.fields import MAX_NAME_LENGTH
+from lib_klora.params.model import KLoraParams
 
 __all__ = ["FusionError", "ModuleFusion", "klora_params"]
 
@@ -392,11 +386,7 @@ class ModuleFusion:
             extra = f"  hybrid {p.pattern}" if p.kl_hybrid else ""
             return f"dynamic  KL {p.kl_direction}  T {p.kl_temperature:g}{extra}"
         assert self.plan is not None
-        s = self.plan.settings
-        return (
-            f"{s.method.value}  pattern {s.pattern.value}  alpha {s.alpha:g}  beta {s.resolved_beta:g}  "
-            f"gamma {self.plan.gamma:.4g}"
-        )
+        return self.plan.title()
 
     def selection_map(self, pass_index: int = -1) -> Image.Image:
         """The selection map of a pass: which LoRA each layer used at each step."""

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lib_klora.dynamic.selectors import BOTH, LowRankBranch
+from lib_klora.dynamic.branches import LowRankBranch
+from lib_klora.dynamic.selectors import BOTH
 from lib_klora.engines.module_targets import Target
 
 

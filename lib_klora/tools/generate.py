@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lib_klora.errors import KLoraError
-from lib_klora.params.model import CHOICES, KLoraParams
+from lib_klora.params.fields import CHOICES
+from lib_klora.params.model import KLoraParams
 
 MAX_STEPS = 1000
 SINGLE_FILE_PIPELINES = {
