@@ -231,6 +231,11 @@ def apply_klora(
         raise TypeError("give the settings either as params or as keywords, not both")
     resolved = klora_params(subject, style, params if params is not None else settings)
     decode: Decode | None = None
+    if resolved.uses_guidance and "transformer" in pipeline_components(pipe):
+        raise FusionError(
+            "reference guidance works on UNet pipelines (SD, SDXL); transformer pipelines (FLUX, SD3) "
+            "pack their latents, which the guidance decoder does not read yet: switch guidance off"
+        )
     if resolved.uses_guidance:
         if guidance_models is None:
             guidance_models = GuidanceModels(guidance_weights_dir)

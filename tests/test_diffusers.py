@@ -25,6 +25,7 @@ from diffusers import (
 )
 
 from lib_klora.diffusers import apply_klora, pipeline_components
+from lib_klora.engines.torch_module import FusionError
 from lib_klora.tools.cli import main as cli_main
 from tests.tiny_diffusers import (
     hook_count,
@@ -281,3 +282,19 @@ def test_generate_from_a_local_diffusers_folder(sd, sd_pair, tmp_path):
     args += ["--width", "16", "--height", "16", "--out", str(out), "--map", str(map_png), "--method", "fixed"]
     assert cli_main(args) == 0
     assert Image.open(out).size == (16, 16) and Image.open(map_png).size[0] > 0
+
+
+def test_guidance_on_packed_flux_latents_is_refused_before_sampling(tmp_path):
+    transformer = tiny_flux()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    pair = write_pair(tmp_path, linear_shapes(transformer, "transformer"))
+    with pytest.raises(FusionError, match="switch guidance off"):
+        apply_klora(pipe, *pair, guidance=True, style_refs=[_png()])

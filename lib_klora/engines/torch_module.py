@@ -200,7 +200,11 @@ class ModuleFusion:
         if self.params.uses_guidance:
             if guidance_models is None or decode is None:
                 raise FusionError("reference guidance needs guidance_models and a decode function")
-            self.guidance = GuidanceRun.build(self.params, guidance_models, decode, prompt=prompt)
+            first = next((p for m in components.values() for p in m.parameters()), None)
+            where = first.device if first is not None else torch.device("cpu")  # the encoders go there too
+            self.guidance = GuidanceRun.build(
+                self.params, guidance_models, decode, prompt=prompt, device=where
+            )
         self.passes: list[PassRecord] = []
         self.steps_seen: list[list[int]] = []  # per pass: the steps the clock was set to, in order
         self._hook_sets: list[HookSet] = []
