@@ -33,6 +33,13 @@ Methods: K-LoRA (`pattern` s / s*), the baselines merge / fixed / random (precom
 lookup per layer), and `dynamic` (per layer and step, the LoRA whose output diverges more from the base
 output; `kl_hybrid` scales it with K-LoRA's time scale). Parameters are `KLoraParams`, validated as on
 every other route before any work starts.
+
+`apply_to="weights"` (K-LoRA and the baselines) writes W0 + the chosen ΔW into the denoiser's weights at
+each layer's switch steps instead of hooking it (engines/weight_switch.py): no per-step cost, for a copy
+of the adapted weights (on the CPU by default) that `end`/`remove` copy back bit for bit.
+
+Records: `passes` (one `PassRecord` per pass), `decisions()`, `steps_seen`, `selection_map()`, `skipped`
+(LoRA layers the modules do not have), `error` (a hook that failed and switched the hooks off).
 """
 
 from __future__ import annotations
