@@ -17,20 +17,13 @@ from typing import Any
 
 import torch
 
-from lib_klora.dynamic.selectors import (
-    Branch,
-    ConvSpec,
-    DenseBranch,
-    DynamicSelector,
-    FusionSelector,
-    HookSet,
-    LowRankBranch,
-    SlicedBranch,
-    install_hooks,
-)
+from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
+from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector
 from lib_klora.engines.job import on_sampling_failure
 from lib_klora.engines.tracking import PassRecord, PassTracker
 from lib_klora.errors import KLoraError
+from lib_klora.fusion.options import Method
 from lib_klora.fusion.plan import FusionPlan, PlanSettings
 from lib_klora.fusion.scores import ScoreTable, compute_scores
 from lib_klora.params.model import KLoraParams
@@ -332,7 +325,7 @@ def build_patcher_job(
                 labels=[params.subject, params.style],
             )
     dynamic = None
-    if any(p is not None and p.method == "dynamic" for p in (first, hires)):
+    if any(p is not None and p.fusion_method is Method.DYNAMIC for p in (first, hires)):
         dynamic = DynamicSelector.for_params(len(table.layers), params)
     return PatcherJob(first, hires, table, deltas, FusionSelector(len(table.layers), dynamic))
 
@@ -391,7 +384,7 @@ def on_step(job: PatcherJob, denoiser: Any, is_hires: bool, evals_per_step: int)
     label = "hires pass" if is_hires else "first pass"
     if new_pass:
         schedule = None
-        if params.method == "dynamic":
+        if params.fusion_method is Method.DYNAMIC:
             job.selector.begin_dynamic_pass(label, job.tracker.steps)
         else:
             schedule = job.plan_for(params).schedule(job.tracker.steps)

@@ -19,15 +19,9 @@ from typing import Any
 
 import torch
 
-from lib_klora.dynamic.selectors import (
-    Branch,
-    ConvSpec,
-    DenseBranch,
-    DynamicSelector,
-    HookSet,
-    LowRankBranch,
-    install_hooks,
-)
+from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch
+from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
+from lib_klora.dynamic.selectors import DynamicSelector
 from lib_klora.engines.job import on_sampling_failure
 from lib_klora.engines.kept_merges import (
     kept_layers,
@@ -39,6 +33,7 @@ from lib_klora.engines.kept_merges import (
 from lib_klora.engines.tracking import LayerSelection, PassRecord, PassTracker
 from lib_klora.errors import KLoraError
 from lib_klora.fusion.cache import ScoreCache
+from lib_klora.fusion.options import Method
 from lib_klora.fusion.plan import FusionPlan, PlanSettings, StepSchedule
 from lib_klora.fusion.scores import ScoreTable, compute_scores
 from lib_klora.loras.lora_file import PICKLE_SUFFIXES
@@ -320,7 +315,7 @@ def build_job(
         unet_touched={n: mapping[n] for n in touched if n in mapping and n.startswith(UNET_PREFIX)},
     )
     job.adapts = {name: (name in loaded[0].modules, name in loaded[1].modules) for name in job.unet_touched}
-    if any(p is not None and p.method == "dynamic" for p in (first_params, hires_params)):
+    if any(p is not None and p.fusion_method is Method.DYNAMIC for p in (first_params, hires_params)):
         job.dynamic = build_dynamic(job, params)
     return job
 
@@ -453,7 +448,7 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
         return
     new_pass = job.tracker.update(denoiser, int(denoiser.step), int(denoiser.total_steps), evals_per_step)
     label = "hires pass" if is_hires else "first pass"
-    dynamic = params.method == "dynamic"
+    dynamic = params.fusion_method is Method.DYNAMIC
     if new_pass:
         job.selection.denoiser_by_hooks = dynamic
         if dynamic:

@@ -25,7 +25,8 @@ from lib_klora.fusion.plan import FusionPlan, PlanSettings
 from lib_klora.fusion.selection_map import render_selection_map
 from lib_klora.guidance.refine import Decode
 from lib_klora.guidance.run import GuidanceModels, GuidanceRun
-from lib_klora.params.model import KLoraParams, ParamsError
+from lib_klora.params.model import KLoraParams
+from lib_klora.params.parsing import ParamsError
 from lib_klora.params.prompt_tag import find_extra_networks, find_tags, params_from_tag
 from lib_klora.tools.cli import map_title
 

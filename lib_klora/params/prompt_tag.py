@@ -29,7 +29,9 @@ import difflib
 import re
 from collections.abc import Mapping
 
-from lib_klora.params.model import POSITIONAL_FIELDS, REFERENCE_FIELDS, KLoraParams, ParamsError
+from lib_klora.params.fields import REFERENCE_FIELDS
+from lib_klora.params.model import POSITIONAL_FIELDS, KLoraParams
+from lib_klora.params.parsing import ParamsError
 
 __all__ = [
     "TAG_ALIASES",

@@ -12,8 +12,9 @@ from pathlib import Path
 from lib_klora import __version__
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.from_files import plan_from_files
-from lib_klora.fusion.plan import FusionPlan, GammaVariant, Method, PlanSettings
-from lib_klora.fusion.schedule import DEFAULT_ALPHA, Pattern
+from lib_klora.fusion.options import PLANNED_METHODS, GammaVariant, Pattern
+from lib_klora.fusion.plan import FusionPlan, PlanSettings
+from lib_klora.fusion.schedule import DEFAULT_ALPHA
 from lib_klora.fusion.selection_map import save_selection_map
 
 
@@ -128,7 +129,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=[m.value for m in Method],
+        choices=[m.value for m in PLANNED_METHODS],
         default="klora",
         help="klora, or a baseline: merge (both always), fixed (time only), random (1/3 subject)",
     )

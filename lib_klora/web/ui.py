@@ -26,8 +26,9 @@ from typing import Any
 
 import gradio as gr
 
+from lib_klora.fusion.options import Method
 from lib_klora.fusion.schedule import DEFAULT_BETA, default_beta
-from lib_klora.params.model import (
+from lib_klora.params.fields import (
     ALPHA_LIMIT,
     BETA_LIMIT,
     CHOICES,
@@ -40,12 +41,11 @@ from lib_klora.params.model import (
     INFOTEXT_NAMES_KEY,
     MAX_GUIDANCE_EVERY,
     MAX_GUIDANCE_ITERS,
-    POSITIONAL_FIELDS,
     REFERENCE_FIELDS,
     TEMPERATURE_LIMIT,
-    KLoraParams,
-    ParamsError,
 )
+from lib_klora.params.model import POSITIONAL_FIELDS, KLoraParams
+from lib_klora.params.parsing import ParamsError
 
 __all__ = [
     "GRADIO_MAJOR",
@@ -278,19 +278,19 @@ def hires_beta_after_pattern_change(pattern: Any, beta: Any) -> dict:
     return beta_after_pattern_change(pattern, None)
 
 
-def _method_used(wanted: str, method: Any, hires: Any, hires_method: Any) -> bool:
+def _method_used(wanted: Method, method: Any, hires: Any, hires_method: Any) -> bool:
     """Whether the first pass, or a hires pass with its own settings, runs method `wanted`."""
     return method == wanted or (hires == "separate" and hires_method == wanted)
 
 
 def seed_visibility(method: Any, hires: Any = "same", hires_method: Any = None) -> dict:
     """The seed matters only to the random baseline, in the first or the separate hires pass."""
-    return gr.update(visible=_method_used("random", method, hires, hires_method))
+    return gr.update(visible=_method_used(Method.RANDOM, method, hires, hires_method))
 
 
 def dynamic_group_visibility(method: Any, hires: Any = "same", hires_method: Any = None) -> dict:
     """The KL settings matter only where method "dynamic" runs, in the first or the separate hires pass."""
-    return gr.update(visible=_method_used("dynamic", method, hires, hires_method))
+    return gr.update(visible=_method_used(Method.DYNAMIC, method, hires, hires_method))
 
 
 def method_visibility(method: Any, hires: Any, hires_method: Any) -> tuple[dict, dict]:
@@ -561,7 +561,7 @@ def build_ui(
                 precision=0,
                 minimum=0,
                 elem_id=eid("seed"),
-                visible=_method_used("random", value("method"), value("hires"), value("hires_method")),
+                visible=_method_used(Method.RANDOM, value("method"), value("hires"), value("hires_method")),
             )
             comps["te_policy"] = _dropdown(
                 "te_policy", value("te_policy"), _labelled("te_policy"), is_img2img
@@ -570,7 +570,7 @@ def build_ui(
         with gr.Accordion(
             "Dynamic fusion",
             open=True,
-            visible=_method_used("dynamic", value("method"), value("hires"), value("hires_method")),
+            visible=_method_used(Method.DYNAMIC, value("method"), value("hires"), value("hires_method")),
             elem_id=eid("dynamic_group"),
         ) as dynamic_group:
             extras["dynamic_group"] = dynamic_group

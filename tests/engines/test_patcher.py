@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_klora.dynamic.selectors import DenseBranch, LowRankBranch, SlicedBranch, kl_divergences
+from lib_klora.dynamic.branches import DenseBranch, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.kl import kl_divergences
 from lib_klora.engines.patcher import (
     PatcherJobError,
     build_patcher_job,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from lib_klora.dynamic.selectors import kl_divergences
+from lib_klora.dynamic.kl import kl_divergences
 from lib_klora.engines import slots as engine
 from lib_klora.engines.kept_merges import DIRTY, restore_layers
 from lib_klora.engines.slots import (

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import lib_klora.hosts as hosts_package
-from lib_klora.dynamic.selectors import DenseBranch, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.branches import DenseBranch, LowRankBranch, SlicedBranch
 from lib_klora.engines import patcher as engine
 from lib_klora.params.model import KLoraParams
 from tests.hosts.fake_patcher_hosts import (

@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 
+from lib_klora.params.fields import CHOICES, FIELD_HELP, REFERENCE_FIELDS
+from lib_klora.params.model import POSITIONAL_FIELDS, KLoraParams
+
 gr = pytest.importorskip("gradio")
 
-from lib_klora.params.model import CHOICES, FIELD_HELP, POSITIONAL_FIELDS, REFERENCE_FIELDS, KLoraParams  # noqa: E402
 from lib_klora.web import ui  # noqa: E402  (after the skip: ui imports gradio)
 
 ROOT = Path(__file__).resolve().parents[2]
