@@ -299,6 +299,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3, help="jobs per variant in a row; the first is apart")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pattern", default="s", choices=("s", "s*"))
+    parser.add_argument("--hosts", default="a1111,forge", help="a1111, forge or both (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -334,16 +335,17 @@ def main() -> None:
             f"{args.threads} threads, pattern {params.pattern}"
         )
         results: dict[str, Timings] = {}
+        hosts = set(args.hosts.split(","))
         with installed(model, lora_dir):
             variants = a1111_variants(model, lora_dir, params, args.steps)
             variants["klora"]()  # warm-up: load both LoRAs, compute and cache the scores
-            for _ in range(args.rounds):
+            for _ in range(args.rounds if "a1111" in hosts else 0):
                 for name, job in variants.items():
                     run_variant(results.setdefault(f"a1111_{name}", Timings()), args.jobs, job)
             kept_layers.release(sys.modules["networks"])
             plain_weights(model)
         forge, switching_params = forge_variants(model, factors, params, args.steps)
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if "forge" in hosts else 0):
             for name, job in forge.items():
                 run_variant(results.setdefault(f"forge_{name}", Timings()), args.jobs, job)
         plain_weights(model)
@@ -358,19 +360,27 @@ def main() -> None:
         print(f"{name:<20} {first:>9.3f}s {repeat:>9.3f}s {first_p / 1e6:>15.1f}M {repeat_p / 1e6:>16.1f}M")
     switching = f"{switching_params / 1e6:.1f}M of {model.params / 1e6:.1f}M params"
     print(f"layers that switch within the pass: {switching}")
+    if "a1111_klora" in median and "a1111_stacked" in median:
+        # The merges cost the same per job whatever the size and steps; the forward grows with both.
+        extra = median["a1111_klora"][1] - median["a1111_stacked"][1]
+        per_step = median["a1111_stacked"][1] / args.steps
+        print(f"A1111 K-LoRA, repeated job: {extra:+.3f}s over stacked; stacked: {per_step:.3f}s per step")
 
-    def ratio(a: str, b: str, which: int = 1) -> float:
-        return median[a][which] / median[b][which]
-
-    remerged = params_of["a1111_klora"][1] * args.every
-    print(
-        f"RESULT remerged_params_repeat={remerged} "
-        f"klora_vs_stacked_repeat={ratio('a1111_klora', 'a1111_stacked'):.4f} "
-        f"klora_vs_stacked_first={ratio('a1111_klora', 'a1111_stacked', 0):.4f} "
-        f"restore_each_job_vs_stacked_repeat={ratio('a1111_klora_restore', 'a1111_stacked'):.4f} "
-        f"forge_klora_vs_stacked_repeat={ratio('forge_klora', 'forge_stacked'):.4f} "
-        f"hybrid_vs_stacked_repeat={ratio('forge_hybrid', 'forge_stacked'):.4f}"
-    )
+    ratios: dict[str, str] = {}
+    pairs = {
+        "klora_vs_stacked_repeat": ("a1111_klora", "a1111_stacked", 1),
+        "klora_vs_stacked_first": ("a1111_klora", "a1111_stacked", 0),
+        "restore_each_job_vs_stacked_repeat": ("a1111_klora_restore", "a1111_stacked", 1),
+        "forge_klora_vs_stacked_repeat": ("forge_klora", "forge_stacked", 1),
+        "hybrid_vs_stacked_repeat": ("forge_hybrid", "forge_stacked", 1),
+    }
+    for key, (a, b, which) in pairs.items():
+        if a in median and b in median:
+            ratios[key] = f"{median[a][which] / median[b][which]:.4f}"
+    # Re-merged parameters of a repeated A1111 K-LoRA job, scaled from the subset to all SDXL linears.
+    if "a1111_klora" in params_of:
+        ratios = {"remerged_params_repeat": str(params_of["a1111_klora"][1] * args.every), **ratios}
+    print("RESULT " + " ".join(f"{k}={v}" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":
