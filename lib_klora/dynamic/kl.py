@@ -16,7 +16,7 @@ Choices made here (the paper leaves them open):
   with separate calls the first call of the step (the cond rows) decides and later calls reuse it.
   ``per_sample=True`` instead decides per batch row on every call (cond and uncond rows may disagree);
 * larger divergence wins, ties go to the subject; the hybrid option multiplies the style divergence by
-  K-LoRA's S(r), like plan.py's rule "subject iff S_subject ≥ S(r) · S_style";
+  K-LoRA's S(r), like fusion/plan.py's rule "subject iff S_subject ≥ S(r) · S_style";
 * token subsample (``max_tokens``, default 256 per sample): the mean divergence is estimated on a strided
   subset of tokens; the chosen delta is still applied to every token. Three softmaxes and two KL
   reductions over every token cost more than the layer's own matmul at SD1.5 widths (320 channels), so

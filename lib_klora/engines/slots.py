@@ -22,7 +22,7 @@ import torch
 from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch
 from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
 from lib_klora.dynamic.selectors import DynamicSelector
-from lib_klora.engines.job import on_sampling_failure
+from lib_klora.engines.job import FusionJob, JobError, on_sampling_failure, resolve_lora
 from lib_klora.engines.kept_merges import (
     kept_layers,
     mark_dirty,
@@ -30,20 +30,14 @@ from lib_klora.engines.kept_merges import (
     record_merge,
     restore_layers,
 )
-from lib_klora.engines.tracking import LayerSelection, PassRecord, PassTracker
-from lib_klora.errors import KLoraError
+from lib_klora.engines.tracking import LayerSelection, PassRecord
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.options import Method
-from lib_klora.fusion.plan import FusionPlan, PlanSettings, StepSchedule
-from lib_klora.fusion.scores import ScoreTable, compute_scores
-from lib_klora.loras.lora_file import PICKLE_SUFFIXES
+from lib_klora.fusion.plan import StepSchedule
+from lib_klora.fusion.scores import compute_scores
 from lib_klora.params.model import KLoraParams
 
 UNET_PREFIX = "diffusion_model_"
-
-
-class KLoraJobError(KLoraError):
-    """A K-LoRA job cannot run as configured (unknown LoRA, bad tag, unusable file)."""
 
 
 def lora_extension() -> Any:
@@ -60,28 +54,6 @@ def lora_extension() -> Any:
 
 def is_text_encoder_layer(name: str) -> bool:
     return not name.startswith(UNET_PREFIX)
-
-
-def resolve_lora(nets: Any, name: str) -> Any:
-    """Find a LoRA by name or alias in the WebUI's list only: never a filesystem path."""
-
-    def lookup() -> Any:
-        if name.lower() in nets.forbidden_network_aliases:
-            return nets.available_networks.get(name)
-        return nets.available_network_aliases.get(name)
-
-    found = lookup()
-    if found is None:
-        nets.list_available_networks()  # the user may have added the file since start-up
-        found = lookup()
-    if found is None:
-        raise KLoraJobError(f"K-LoRA: LoRA '{name}' is not in the WebUI's LoRA list")
-    if os.path.splitext(found.filename)[1].lower() in PICKLE_SUFFIXES:
-        raise KLoraJobError(
-            f"K-LoRA: LoRA '{name}' is a pickle file ({os.path.basename(found.filename)}); "
-            "K-LoRA only loads .safetensors"
-        )
-    return found
 
 
 class NetworkCache:
@@ -203,39 +175,22 @@ class DynamicState:
         self.hooks.remove()
 
 
-@dataclass
-class Job:
+@dataclass(kw_only=True)
+class Job(FusionJob):
     """Everything K-LoRA holds for one generation; lives on `p._klora` and dies with it."""
 
-    params: KLoraParams | None  # first pass; None = K-LoRA off there (hires-only tag)
-    hires_params: KLoraParams | None
     nets: tuple[Any, Any]
     model: Any
-    table: ScoreTable
     owner: dict[str, str]  # module key in net.modules -> owning layer name
     layer_modules: list[torch.nn.Module]  # managed UNet layers, in plan order
     touched_modules: list[torch.nn.Module]  # every layer either LoRA adapts
     selection: LayerSelection
-    tracker: PassTracker = field(default_factory=PassTracker)
-    plans: dict[PlanSettings, FusionPlan] = field(default_factory=dict)
-    passes: list[PassRecord] = field(default_factory=list)
     slots: list[Any] = field(default_factory=list)
-    failed: str | None = None
     schedule: StepSchedule | None = None
     unet_touched: dict[str, torch.nn.Module] = field(default_factory=dict)  # UNet layers either LoRA adapts
     adapts: dict[str, tuple[bool, bool]] = field(default_factory=dict)  # per unet_touched: subject, style
     dynamic: DynamicState | None = None
-    guidance: Any = None  # GuidanceRun of the host glue, when reference guidance is on
     sigma: Any = None  # the current evaluation's sigma (guidance scales its nudge by it)
-
-    def params_for(self, is_hires: bool) -> KLoraParams | None:
-        return self.hires_params if is_hires else self.params
-
-    def plan_for(self, params: KLoraParams) -> FusionPlan:
-        settings = params.to_plan_settings()  # frozen and hashable: equal settings share one plan
-        if settings not in self.plans:
-            self.plans[settings] = FusionPlan(self.table, settings)
-        return self.plans[settings]
 
 
 def _layer_mapping(model: Any) -> dict[str, torch.nn.Module]:
@@ -272,13 +227,13 @@ def build_job(
         per_lora.append(deltas)
     for name, deltas in zip((params.subject, params.style), per_lora, strict=True):
         if not deltas:
-            raise KLoraJobError(
+            raise JobError(
                 f"K-LoRA: the WebUI's Lora loader found no UNet layer of the current model in LoRA '{name}' "
                 "(another base model, or a key format A1111 cannot read)"
             )
     shared_layers = set(per_lora[0]) & set(per_lora[1])
     if not shared_layers:
-        raise KLoraJobError(f"K-LoRA: '{params.subject}' and '{params.style}' adapt no UNet layer in common")
+        raise JobError(f"K-LoRA: '{params.subject}' and '{params.style}' adapt no UNet layer in common")
 
     files = [net.network_on_disk.filename for net in loaded]
     key = (*[digest(f) for f in files], f"a1111-{type(model).__name__}")
@@ -326,7 +281,7 @@ def branch_for(module: Any, layer: torch.nn.Module, strength: float) -> Branch:
     Plain LoRA (LoCon) stays low-rank; anything else (LoHa, LoKr, DoRA, CP cores) becomes a dense ΔW from the
     module's own calc_updown, computed once here."""
     if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-        raise KLoraJobError(
+        raise JobError(
             f"K-LoRA: method 'dynamic' supports Linear and Conv2d layers, not {type(layer).__name__} "
             f"({getattr(layer, 'network_layer_name', '?')})"
         )

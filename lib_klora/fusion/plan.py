@@ -145,6 +145,29 @@ class FusionPlan:
         )
         return (*base, "both" if self.table.lora_count == 2 else "all")
 
+    def title(self) -> str:
+        """One line naming the method and its settings, for selection maps."""
+        s = self.settings
+        return (
+            f"{s.method.value}  pattern {s.pattern.value}  alpha {s.alpha:g}  beta {s.resolved_beta:g}  "
+            f"gamma {self.gamma:.4g} ({s.gamma.value})"
+        )
+
+    def summary(self, steps: int) -> str:
+        """A few lines for a terminal: shared layers, γ, the subject's share and how many layers switch."""
+        schedule = self.schedule(steps)
+        subject_share = float((schedule.choices == 0).float().mean()) if schedule.choices.numel() else 0.0
+        switching = sum(1 for i in range(len(self.table.layers)) if schedule.switch_steps(i))
+        only = self.table.exclusive
+        return "\n".join(
+            [
+                f"layers in both LoRAs: {len(self.table.layers)}   subject only: {len(only[0])}   "
+                f"style only: {len(only[1])}",
+                f"gamma ({self.settings.gamma.value}): {self.gamma:.6g}",
+                f"subject share over {steps} steps: {subject_share:.1%}   layers that switch: {switching}",
+            ]
+        )
+
     @property
     def layer_names(self) -> list[str]:
         """Each shared layer's key stem as written in the subject file."""

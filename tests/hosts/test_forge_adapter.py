@@ -92,7 +92,7 @@ def webui(tmp_path: Path) -> Iterator[FakeWebUI]:
     # Nothing of the fakes, nor the K-LoRA modules imported against them, outlives the test.
     assert {name: sys.modules.get(name) for name in before} == before
     assert not any(name.startswith(("modules.", "backend.", "ldm_patched.")) for name in sys.modules)
-    assert not hasattr(hosts_package, "forge") and not hasattr(hosts_package, "webui")
+    assert not any(hasattr(hosts_package, name) for name in ("forge", "webui", "job_start", "guidance_glue"))
 
 
 def api(webui: FakeWebUI, host: str) -> Any:
@@ -586,7 +586,7 @@ def test_flux_defaults_to_s_star_unless_the_request_chose(webui: FakeWebUI, flux
     webui.shared.sd_model = _FluxModel(flux)
     model_pattern = "s*" if webui.webui.is_flux_model() else None
     assert (model_pattern == "s*") is flux
-    job_params = webui.webui.job_params
+    job_params = webui.job_start.job_params
     chosen = {"enabled": True, "subject": "a", "style": "b"}
     # An API dict without a pattern, or a tag with the accordion off, takes the model's recommendation.
     first, _ = job_params(_p(), (chosen,), model_pattern=model_pattern)
