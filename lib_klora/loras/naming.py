@@ -192,9 +192,8 @@ def parse_lora_key(key: str) -> ParsedKey | None:
     stem, part, suffix_format = split
 
     kohya = _KOHYA_STEM.match(stem)
-    if kohya and "." not in stem:  # "lycoris_" (SimpleTuner) and "lora_transformer_" (OneTrainer): DiT
-        component = kohya.group(1) or "transformer"
-        return ParsedKey(stem, _canonical(component, kohya.group(3)), part, "kohya")
+    if kohya and "." not in stem:  # "lora_transformer_" (OneTrainer); "lycoris_": the path tells (LyCORIS)
+        return ParsedKey(stem, _canonical(kohya.group(1), kohya.group(3)), part, "kohya")
     if stem.startswith("lora_") and "." not in stem:  # kohya-style, unknown network: keep it whole
         return ParsedKey(stem, f"other:{stem[len('lora_') :]}", part, "kohya")
 
