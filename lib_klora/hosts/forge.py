@@ -255,7 +255,9 @@ def build_job(p: Any, first: KLoraParams | None, hires: KLoraParams | None) -> e
 
     for file in files:
         lora = API.load_file(file)
-        found, _skipped = engine.module_deltas(API.unet_patches(unet, lora), find, API.decode, API.dense)
+        found, _skipped = engine.module_deltas(
+            API.unet_patches(unet, lora), find, API.decode, API.dense, describe=engine.describe_patch
+        )
         deltas.append(found)
         te.append(API.clip_patches(forge_objects.clip, lora) if params.te_policy != "none" else {})
     key = (
