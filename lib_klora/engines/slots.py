@@ -45,6 +45,10 @@ class KLoraJobError(KLoraError):
     """A K-LoRA job cannot run as configured (unknown LoRA, bad tag, unusable file)."""
 
 
+class PickleLoraError(KLoraJobError):
+    """The LoRA exists but is a pickle file, which K-LoRA never loads."""
+
+
 def lora_extension() -> Any:
     """The built-in Lora extension's `networks` module, identity-checked (the name is generic)."""
     module = sys.modules.get("networks")
@@ -76,7 +80,7 @@ def resolve_lora(nets: Any, name: str) -> Any:
     if found is None:
         raise KLoraJobError(f"K-LoRA: LoRA '{name}' is not in the WebUI's LoRA list")
     if os.path.splitext(found.filename)[1].lower() in PICKLE_SUFFIXES:
-        raise KLoraJobError(f"K-LoRA: LoRA '{name}': {pickle_refusal(found.filename)}")
+        raise PickleLoraError(f"K-LoRA: LoRA '{name}': {pickle_refusal(found.filename)}")
     return found
 
 

@@ -540,7 +540,8 @@ class FakeNetworks(types.ModuleType):
     def list_available_networks(self) -> None:
         self.available_networks.clear()
         self.available_network_aliases.clear()
-        for file in sorted(self.lora_dir.glob("*.safetensors")):
+        listed = (".pt", ".ckpt", ".safetensors")  # the host's allowed_extensions for LoRAs
+        for file in sorted(f for f in self.lora_dir.iterdir() if f.suffix in listed):
             entry = NetworkOnDisk(file.stem, str(file), file.stem)
             self.available_networks[file.stem] = entry
             self.available_network_aliases[file.stem] = entry
