@@ -43,12 +43,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_klora.dynamic.selectors import (
-    DEFAULT_MAX_TOKENS,
-    DynamicSelector,
-    LowRankBranch,
-    install_hooks,
-)
+from lib_klora.dynamic.branches import LowRankBranch
+from lib_klora.dynamic.hooks import install_hooks
+from lib_klora.dynamic.kl import DEFAULT_MAX_TOKENS
+from lib_klora.dynamic.selectors import DynamicSelector
 from lib_klora.tools.synthetic import unet_layer_shapes
 
 LATENT_TOKENS = 64 * 64  # 512×512 image

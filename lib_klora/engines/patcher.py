@@ -5,43 +5,31 @@ A1111's slot design does not apply. Instead the two LoRAs are read through the h
 format the host reads works), each managed layer gets a forward hook that adds the chosen LoRA's low-rank
 delta to the host's output, and the host's weights are never touched (quantized NF4/GGUF bases keep working).
 
-Host-free: the adapters (`forge.py`, `reforge.py`) pass in the host's patch dicts, a module lookup and a
-dense-delta function for LoRA types without a plain low-rank form; nothing here imports the WebUI.
+Host-free: the adapters (`ForgeApi`, `ReForgeApi` in hosts/forge.py) pass in the host's patch dicts, a
+module lookup and a dense-delta function for LoRA types without a plain low-rank form; nothing here imports
+the WebUI.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lib_klora.dynamic.selectors import (
-    Branch,
-    ConvSpec,
-    DenseBranch,
-    DynamicSelector,
-    FusionSelector,
-    HookSet,
-    LowRankBranch,
-    SlicedBranch,
-    install_hooks,
-)
-from lib_klora.engines.job import on_sampling_failure
-from lib_klora.engines.tracking import PassRecord, PassTracker
-from lib_klora.errors import KLoraError
-from lib_klora.fusion.plan import FusionPlan, PlanSettings
+from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
+from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector
+from lib_klora.engines.job import FusionJob, JobError, on_sampling_failure
+from lib_klora.engines.tracking import PassRecord
+from lib_klora.fusion.options import Method
 from lib_klora.fusion.scores import ScoreTable, compute_scores
 from lib_klora.loras.lora_file import LowRankModule
 from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
 PatchKey = str | tuple  # "x.weight", or (param key, (dim, start, size)[, function]) for part of a fused layer
-
-
-class PatcherJobError(KLoraError):
-    """A K-LoRA job cannot run on this host as configured."""
 
 
 @dataclass(frozen=True)
@@ -173,9 +161,7 @@ class ModuleDelta:
         if len(built) == 1 and built[0][2] == self.out_features:
             return built[0][0]
         if conv is not None:
-            raise PatcherJobError(
-                f"layer {self.name}: partial LoRA patches of a convolution are not supported"
-            )
+            raise JobError(f"layer {self.name}: partial LoRA patches of a convolution are not supported")
         return SlicedBranch(self.out_features, built)
 
 
@@ -335,32 +321,15 @@ def module_deltas(
     return deltas, skipped
 
 
-@dataclass
-class PatcherJob:
+@dataclass(kw_only=True)
+class PatcherJob(FusionJob):
     """Everything one generation holds on Forge/reForge; lives on `p._klora` and dies with it."""
 
-    params: KLoraParams | None
-    hires_params: KLoraParams | None
-    table: ScoreTable
     deltas: tuple[dict[str, ModuleDelta], dict[str, ModuleDelta]]
     selector: FusionSelector
-    tracker: PassTracker = field(default_factory=PassTracker)
-    plans: dict[PlanSettings, FusionPlan] = field(default_factory=dict)
-    passes: list[PassRecord] = field(default_factory=list)
     hooks: HookSet | None = None
     live: bool = False
-    failed: str | None = None
-    guidance: Any = None
     te_patches: tuple[dict, dict] = ({}, {})  # the host's text-encoder patch dicts of both LoRAs
-
-    def params_for(self, is_hires: bool) -> KLoraParams | None:
-        return self.hires_params if is_hires else self.params
-
-    def plan_for(self, params: KLoraParams) -> FusionPlan:
-        settings = params.to_plan_settings()
-        if settings not in self.plans:
-            self.plans[settings] = FusionPlan(self.table, settings)
-        return self.plans[settings]
 
     @property
     def layer_names(self) -> list[str]:
@@ -382,7 +351,7 @@ def build_patcher_job(
         raise ValueError("build_patcher_job needs the parameters of at least one pass")
     for name, found in zip((params.subject, params.style), deltas, strict=True):
         if not found:
-            raise PatcherJobError(
+            raise JobError(
                 f"K-LoRA: the WebUI's key map found no layer of the current model in LoRA '{name}' "
                 "(another base model, or a format this WebUI cannot read)"
             )
@@ -395,9 +364,10 @@ def build_patcher_job(
                 labels=[params.subject, params.style],
             )
     dynamic = None
-    if any(p is not None and p.method == "dynamic" for p in (first, hires)):
+    if any(p is not None and p.fusion_method is Method.DYNAMIC for p in (first, hires)):
         dynamic = DynamicSelector.for_params(len(table.layers), params)
-    return PatcherJob(first, hires, table, deltas, FusionSelector(len(table.layers), dynamic))
+    selector = FusionSelector(len(table.layers), dynamic)
+    return PatcherJob(params=first, hires_params=hires, table=table, deltas=deltas, selector=selector)
 
 
 def install(job: PatcherJob, strengths: tuple[float, float]) -> HookSet:
@@ -454,7 +424,7 @@ def on_step(job: PatcherJob, denoiser: Any, is_hires: bool, evals_per_step: int)
     label = "hires pass" if is_hires else "first pass"
     if new_pass:
         schedule = None
-        if params.method == "dynamic":
+        if params.fusion_method is Method.DYNAMIC:
             job.selector.begin_dynamic_pass(label, job.tracker.steps)
         else:
             schedule = job.plan_for(params).schedule(job.tracker.steps)

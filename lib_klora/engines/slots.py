@@ -18,35 +18,20 @@ from typing import Any
 
 import torch
 
-from lib_klora.dynamic.selectors import (
-    Branch,
-    ConvSpec,
-    DenseBranch,
-    DynamicSelector,
-    HookSet,
-    LowRankBranch,
-    install_hooks,
-)
-from lib_klora.engines.job import on_sampling_failure
-from lib_klora.engines.tracking import LayerSelection, PassRecord, PassTracker
-from lib_klora.errors import KLoraError
+from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch
+from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
+from lib_klora.dynamic.selectors import DynamicSelector
+from lib_klora.engines.job import FusionJob, JobError, on_sampling_failure, resolve_lora
+from lib_klora.engines.tracking import LayerSelection, PassRecord
 from lib_klora.fusion.cache import ScoreCache
-from lib_klora.fusion.plan import FusionPlan, PlanSettings, StepSchedule
-from lib_klora.fusion.scores import ScoreTable, compute_scores
-from lib_klora.loras.safetensors_header import PICKLE_SUFFIXES, pickle_refusal
+from lib_klora.fusion.options import Method
+from lib_klora.fusion.plan import StepSchedule
+from lib_klora.fusion.scores import compute_scores
 from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
 UNET_PREFIX = "diffusion_model_"
 DIRTY = ("klora-dirty",)
-
-
-class KLoraJobError(KLoraError):
-    """A K-LoRA job cannot run as configured (unknown LoRA, bad tag, unusable file)."""
-
-
-class PickleLoraError(KLoraJobError):
-    """The LoRA exists but is a pickle file, which K-LoRA never loads."""
 
 
 def lora_extension() -> Any:
@@ -63,25 +48,6 @@ def lora_extension() -> Any:
 
 def is_text_encoder_layer(name: str) -> bool:
     return not name.startswith(UNET_PREFIX)
-
-
-def resolve_lora(nets: Any, name: str) -> Any:
-    """Find a LoRA by name or alias in the WebUI's list only: never a filesystem path."""
-
-    def lookup() -> Any:
-        if name.lower() in nets.forbidden_network_aliases:
-            return nets.available_networks.get(name)
-        return nets.available_network_aliases.get(name)
-
-    found = lookup()
-    if found is None:
-        nets.list_available_networks()  # the user may have added the file since start-up
-        found = lookup()
-    if found is None:
-        raise KLoraJobError(f"K-LoRA: LoRA '{name}' is not in the WebUI's LoRA list")
-    if os.path.splitext(found.filename)[1].lower() in PICKLE_SUFFIXES:
-        raise PickleLoraError(f"K-LoRA: LoRA '{name}': {pickle_refusal(found.filename)}")
-    return found
 
 
 class NetworkCache:
@@ -214,38 +180,21 @@ class DynamicState:
         self.hooks.remove()
 
 
-@dataclass
-class Job:
+@dataclass(kw_only=True)
+class Job(FusionJob):
     """Everything K-LoRA holds for one generation; lives on `p._klora` and dies with it."""
 
-    params: KLoraParams | None  # first pass; None = K-LoRA off there (hires-only tag)
-    hires_params: KLoraParams | None
     nets: tuple[Any, Any]
     model: Any
-    table: ScoreTable
     owner: dict[str, str]  # module key in net.modules -> owning layer name
     layer_modules: list[torch.nn.Module]  # managed UNet layers, in plan order
     touched_modules: list[torch.nn.Module]  # every layer either LoRA adapts
     selection: LayerSelection
-    tracker: PassTracker = field(default_factory=PassTracker)
-    plans: dict[PlanSettings, FusionPlan] = field(default_factory=dict)
-    passes: list[PassRecord] = field(default_factory=list)
     slots: list[Any] = field(default_factory=list)
-    failed: str | None = None
     schedule: StepSchedule | None = None
     unet_touched: dict[str, torch.nn.Module] = field(default_factory=dict)  # UNet layers either LoRA adapts
     dynamic: DynamicState | None = None
-    guidance: Any = None  # GuidanceRun of the host glue, when reference guidance is on
     sigma: Any = None  # the current evaluation's sigma (guidance scales its nudge by it)
-
-    def params_for(self, is_hires: bool) -> KLoraParams | None:
-        return self.hires_params if is_hires else self.params
-
-    def plan_for(self, params: KLoraParams) -> FusionPlan:
-        settings = params.to_plan_settings()  # frozen and hashable: equal settings share one plan
-        if settings not in self.plans:
-            self.plans[settings] = FusionPlan(self.table, settings)
-        return self.plans[settings]
 
 
 def _layer_mapping(model: Any) -> dict[str, torch.nn.Module]:
@@ -282,13 +231,13 @@ def build_job(
         per_lora.append(deltas)
     for name, deltas in zip((params.subject, params.style), per_lora, strict=True):
         if not deltas:
-            raise KLoraJobError(
+            raise JobError(
                 f"K-LoRA: the WebUI's Lora loader found no UNet layer of the current model in LoRA '{name}' "
                 "(another base model, or a key format A1111 cannot read)"
             )
     shared_layers = set(per_lora[0]) & set(per_lora[1])
     if not shared_layers:
-        raise KLoraJobError(f"K-LoRA: '{params.subject}' and '{params.style}' adapt no UNet layer in common")
+        raise JobError(f"K-LoRA: '{params.subject}' and '{params.style}' adapt no UNet layer in common")
 
     files = [net.network_on_disk.filename for net in loaded]
     key = (*[digest(f) for f in files], f"a1111-{type(model).__name__}")
@@ -324,7 +273,7 @@ def build_job(
         selection=selection,
         unet_touched={n: mapping[n] for n in touched if n in mapping and n.startswith(UNET_PREFIX)},
     )
-    if any(p is not None and p.method == "dynamic" for p in (first_params, hires_params)):
+    if any(p is not None and p.fusion_method is Method.DYNAMIC for p in (first_params, hires_params)):
         job.dynamic = build_dynamic(job, params)
     return job
 
@@ -335,7 +284,7 @@ def branch_for(module: Any, layer: torch.nn.Module, strength: float) -> Branch:
     Plain LoRA (LoCon) stays low-rank; anything else (LoHa, LoKr, DoRA, CP cores) becomes a dense ΔW from the
     module's own calc_updown, computed once here."""
     if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-        raise KLoraJobError(
+        raise JobError(
             f"K-LoRA: method 'dynamic' supports Linear and Conv2d layers, not {type(layer).__name__} "
             f"({getattr(layer, 'network_layer_name', '?')})"
         )
@@ -441,7 +390,7 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
         return
     new_pass = job.tracker.update(denoiser, int(denoiser.step), int(denoiser.total_steps), evals_per_step)
     label = "hires pass" if is_hires else "first pass"
-    dynamic = params.method == "dynamic"
+    dynamic = params.fusion_method is Method.DYNAMIC
     if new_pass:
         job.selection.denoiser_by_hooks = dynamic
         if dynamic:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lib_klora.fusion.plan import SUBJECT
+from lib_klora.fusion.options import SUBJECT
 
 if TYPE_CHECKING:
     from lib_klora.fusion.plan import StepSchedule

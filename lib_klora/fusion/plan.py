@@ -11,39 +11,23 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 import torch
 
-from lib_klora.fusion.schedule import DEFAULT_ALPHA, Pattern, default_beta, parse_pattern, time_scales
+from lib_klora.fusion.options import (
+    STYLE,
+    SUBJECT,
+    GammaVariant,
+    Method,
+    Pattern,
+    parse_option,
+    parse_pattern,
+)
+from lib_klora.fusion.schedule import DEFAULT_ALPHA, default_beta, time_scales
 from lib_klora.fusion.scores import ScoreTable
 
-
-class Method(str, Enum):
-    KLORA = "klora"  # Top-K scores, γ and the time scale
-    MERGE = "merge"  # baseline: every LoRA on every layer at every step
-    FIXED = "fixed"  # baseline: time-only switch (the rule with equal scores)
-    RANDOM = "random"  # baseline: each layer takes the subject with probability 1/3, seeded
-
-
-class GammaVariant(str, Enum):
-    OFFICIAL = "official"  # mean of per-layer L1 ratios, dropping ratios ≥ 3× the mean (released code)
-    PAPER = "paper"  # ratio of the total L1 sums (paper, Eq. 9)
-
-
-SUBJECT, STYLE = 0, 1
 RANDOM_SUBJECT_PROBABILITY = 1 / 3
 _OUTLIER_FACTOR = 3.0
-
-
-def _enum(enum_type: type[Enum], value: object, what: str) -> Enum:
-    if isinstance(value, enum_type):
-        return value
-    try:
-        return enum_type(str(value).strip().lower())
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum_type)
-        raise ValueError(f"unknown {what} {value!r}; use one of {allowed}") from None
 
 
 @dataclass(frozen=True)
@@ -57,9 +41,13 @@ class PlanSettings:
     seed: int = 0  # only the random baseline uses it
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", _enum(Method, self.method, "method"))
+        object.__setattr__(self, "method", parse_option(Method, self.method, "method"))
+        if not self.method.precomputed:
+            raise ValueError(
+                f"method {self.method.value!r} decides during sampling: it has no precomputed plan"
+            )
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
-        object.__setattr__(self, "gamma", _enum(GammaVariant, self.gamma, "gamma variant"))
+        object.__setattr__(self, "gamma", parse_option(GammaVariant, self.gamma, "gamma variant"))
         object.__setattr__(self, "strengths", tuple(float(s) for s in self.strengths))
         # Resolve "the pattern's default" now, so equal schedules compare (and hash) equal.
         object.__setattr__(
@@ -156,6 +144,29 @@ class FusionPlan:
             else tuple(f"lora{i}" for i in range(self.table.lora_count))
         )
         return (*base, "both" if self.table.lora_count == 2 else "all")
+
+    def title(self) -> str:
+        """One line naming the method and its settings, for selection maps."""
+        s = self.settings
+        return (
+            f"{s.method.value}  pattern {s.pattern.value}  alpha {s.alpha:g}  beta {s.resolved_beta:g}  "
+            f"gamma {self.gamma:.4g} ({s.gamma.value})"
+        )
+
+    def summary(self, steps: int) -> str:
+        """A few lines for a terminal: shared layers, γ, the subject's share and how many layers switch."""
+        schedule = self.schedule(steps)
+        subject_share = float((schedule.choices == 0).float().mean()) if schedule.choices.numel() else 0.0
+        switching = sum(1 for i in range(len(self.table.layers)) if schedule.switch_steps(i))
+        only = self.table.exclusive
+        return "\n".join(
+            [
+                f"layers in both LoRAs: {len(self.table.layers)}   subject only: {len(only[0])}   "
+                f"style only: {len(only[1])}",
+                f"gamma ({self.settings.gamma.value}): {self.gamma:.6g}",
+                f"subject share over {steps} steps: {subject_share:.1%}   layers that switch: {switching}",
+            ]
+        )
 
     @property
     def layer_names(self) -> list[str]:

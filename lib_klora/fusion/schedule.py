@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
-
-class Pattern(str, Enum):
-    S = "s"  # S(r) = α·r + β: subject early, style late
-    S_STAR = "s*"  # S*(r) = (α·r + β) mod α: style first, a wrap to subject, then style again
-
+from lib_klora.fusion.options import Pattern, parse_pattern
 
 DEFAULT_ALPHA = 1.5
 DEFAULT_BETA = {Pattern.S: 0.5, Pattern.S_STAR: 1.3}  # β' = 1.3 as in the paper's supplement
 OFFICIAL_CODE_STAR_BETA = 1.275  # the official scripts' s* constant; wraps at r = 0.15
 _ROUND_DIGITS = 12  # kills float noise so 1.5·0.15 + 1.275 wraps to 0, as exact arithmetic does
-
-
-def parse_pattern(value: str | Pattern) -> Pattern:
-    if isinstance(value, Pattern):
-        return value
-    text = str(value).strip().lower().replace("_star", "*").replace("star", "*")
-    for pattern in Pattern:
-        if text == pattern.value:
-            return pattern
-    raise ValueError(f"unknown pattern {value!r}; use 's' or 's*'")
 
 
 def default_beta(pattern: str | Pattern) -> float:

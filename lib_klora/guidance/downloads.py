@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 from lib_klora.errors import ModelUnavailableError
 
@@ -32,6 +34,19 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hugging Face endpoint. With a proxy configured, assume it is reachable."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def download_file(
     repo_id: str, filename: str, target: str | Path, *, progress: Progress | None = None, timeout: float = 3.0
 ) -> Path:
@@ -39,8 +54,6 @@ def download_file(
 
     Raises :class:`DownloadError` naming the URL and the target path when offline or on any failure.
     """
-    from lib_klora.guidance.encoders import hub_reachable  # local import: encoders imports torch
-
     target = Path(target)
     url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
     manual = f"Download {url} and save it as {target}"

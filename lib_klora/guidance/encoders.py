@@ -5,8 +5,8 @@ flows from the embedding back to the image and, through the decoder, to the late
 
 Weights, in order of preference:
 1. ``<weights_dir>/open_clip_<model>_<tag>.safetensors`` or ``<weights_dir>/timm_<model>.safetensors``;
-2. with a ``weights_dir``: a download of that file from the Hugging Face hub into it (downloads.py); without
-   one, the library's own download (open_clip / timm via the hub, which also finds its local cache);
+2. with a ``weights_dir``: a download of that file from the Hugging Face hub into it (guidance/downloads.py);
+   without one, the library's own download (open_clip / timm via the hub, which also finds its local cache);
 3. otherwise :class:`ModelUnavailableError`, naming the Hugging Face repo, the file and where to put it.
 
 Models are built under ``torch.inference_mode(False)`` so their parameters are ordinary tensors: Forge samples
@@ -20,12 +20,9 @@ used (plus ``get_pretrained_cfg`` where present, for messages), so open-clip-tor
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -33,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lib_klora.errors import KLoraError, ModelUnavailableError
-from lib_klora.guidance.downloads import Progress, download_file
+from lib_klora.guidance.downloads import Progress, download_file, hub_reachable
 
 DEFAULT_CLIP = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
@@ -62,19 +59,6 @@ def _normal_tensors() -> Iterator[None]:
     """Create parameters as ordinary tensors, even when called from inside ``torch.inference_mode()``."""
     with torch.inference_mode(False), torch.no_grad():
         yield
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check of the Hugging Face endpoint. With a proxy configured, assume it is reachable."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 @contextlib.contextmanager

@@ -23,7 +23,8 @@ from lib_klora.guidance.refine import (
     guide_x0,
     should_guide,
 )
-from lib_klora.params.model import KLoraParams, clip_model_parts
+from lib_klora.params.model import KLoraParams
+from lib_klora.params.parsing import clip_model_parts
 from lib_klora.params.references import decode_reference_image
 
 Progress = Callable[[str], None]

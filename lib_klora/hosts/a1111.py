@@ -1,6 +1,7 @@
 """AUTOMATIC1111 v1.10 glue: slot networks in the built-in Lora, the sampler callbacks and guidance decoders.
 
-With `webui.py` (shared by every host) the only files that import the WebUI's `modules` for A1111.
+With `webui.py`, `job_start.py` and `guidance_glue.py` (shared by every host) the only files that import
+the WebUI's `modules` for A1111.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from modules import script_callbacks, shared
 
 from lib_klora.engines import slots as engine
 from lib_klora.errors import KLoraError
-from lib_klora.hosts import webui
+from lib_klora.hosts import guidance_glue, job_start, webui
 from lib_klora.params.model import KLoraParams
 
 network_cache = engine.NetworkCache()
@@ -46,18 +47,18 @@ class KLoraScript(webui.KLoraScriptBase):
                 should_stop=lambda: bool(shared.state.interrupted),
             )
 
-        job = webui.begin_job(p, args, build)
+        job = job_start.begin_job(p, args, build, check_loras=webui.check_lora_pair)
         if job is None:
             return
         nets = engine.lora_extension()
         pair = job.params or job.hires_params
-        engine.guard_sample(p, job, nets, on_failure=lambda exc: webui.end_guidance(job))
+        engine.guard_sample(p, job, nets, on_failure=lambda exc: guidance_glue.end_guidance(job))
 
         def decoder() -> Any:
             return guidance_decoder(pair.guidance_decoder)
 
-        if webui.start_guidance(p, job, pair, decoder, lambda: engine.teardown(nets, job)):
-            webui.prepare_job(p, pair)
+        if guidance_glue.start_guidance(p, job, pair, decoder, lambda: engine.teardown(nets, job)):
+            job_start.prepare_job(p, pair)
 
     def after_extra_networks_activate(self, p: Any, *args: Any, **kwargs: Any) -> None:
         job = getattr(p, "_klora", None)
@@ -77,10 +78,10 @@ class KLoraScript(webui.KLoraScriptBase):
         if job is None:
             return
         engine.teardown(engine.lora_extension(), job)
-        webui.end_guidance(job)
+        guidance_glue.end_guidance(job)
         p._klora = None
         if not job.failed:
-            webui.add_selection_maps(processed, job)
+            job_start.add_selection_maps(processed, job)
 
 
 # ---------------------------------------------------------------- callbacks
@@ -98,7 +99,9 @@ def on_cfg_denoiser(params: Any) -> None:
     try:
         if shared.sd_model is not job.model:
             raise KLoraError("the checkpoint changed during the job (refiner or hires checkpoint)")
-        engine.on_step(job, denoiser, bool(getattr(p, "is_hr_pass", False)), webui.evals_per_step(denoiser))
+        engine.on_step(
+            job, denoiser, bool(getattr(p, "is_hr_pass", False)), job_start.evals_per_step(denoiser)
+        )
     except Exception as exc:  # callbacks must not raise: the host logs it every step
         fail_job(p, job, exc)
 
@@ -117,7 +120,7 @@ def on_cfg_after_cfg(params: Any) -> None:
 
     if isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps):
         # DDIM, PLMS, UniPC: the value after CFG is the noise prediction, not x̂0.
-        webui.guidance_off(
+        guidance_glue.guidance_off(
             p, job, f"guidance needs a k-diffusion sampler; {p.sampler_name} passes no x̂0 here"
         )
         return
@@ -130,7 +133,7 @@ def on_cfg_after_cfg(params: Any) -> None:
             params.x = nudged
     except Exception as exc:  # callbacks must not raise; guidance stops, the fusion goes on
         traceback.print_exception(type(exc), exc, exc.__traceback__)
-        webui.guidance_off(p, job, f"guidance failed and was switched off: {exc}")
+        guidance_glue.guidance_off(p, job, f"guidance failed and was switched off: {exc}")
 
 
 def _sigma_of(sigma: Any) -> Any:
@@ -150,18 +153,18 @@ def guidance_decoder(kind: str) -> Any:
             return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
         return decode_vae
-    return webui.taesd_decoder().decode
+    return guidance_glue.taesd_decoder().decode
 
 
 def fail_job(p: Any, job: engine.Job, exc: BaseException) -> None:
-    webui.report_failure(p, job, exc)
+    job_start.report_failure(p, job, exc)
     engine.teardown(engine.lora_extension(), job)
-    webui.end_guidance(job)
+    guidance_glue.end_guidance(job)
 
 
 def on_model_loaded(_model: Any) -> None:
     network_cache.clear()
-    webui.taesd_decoders.clear()  # SD1 and SDXL latents need different decoders
+    guidance_glue.taesd_decoders.clear()  # SD1 and SDXL latents need different decoders
 
 
 def register_callbacks() -> None:

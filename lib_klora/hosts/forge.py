@@ -1,9 +1,9 @@
 """Forge (lllyasviel, `backend/`) and reForge (Panchovix, `ldm_patched`) glue.
 
 Both hosts keep LoRAs in ComfyUI-style model patchers. K-LoRA reads the two LoRAs through the host's own key
-maps and adds the chosen low-rank delta with forward hooks on the host's layers (`patcher_engine`); the text
-encoder gets the policy's LoRAs through a clone of the host's clip patcher; reference guidance runs as the
-unet patcher's post-CFG function, whose input is x̂0 for every sampler. The two hosts differ only in the
+maps and adds the chosen low-rank delta with forward hooks on the host's layers (`engines/patcher.py`); the
+text encoder gets the policy's LoRAs through a clone of the host's clip patcher; reference guidance runs as
+the unet patcher's post-CFG function, whose input is x̂0 for every sampler. The two hosts differ only in the
 functions of `ForgeApi` / `ReForgeApi`.
 """
 
@@ -18,7 +18,7 @@ import torch
 from modules import script_callbacks, shared
 
 from lib_klora.engines import patcher as engine
-from lib_klora.hosts import webui
+from lib_klora.hosts import guidance_glue, job_start, webui
 from lib_klora.loras.lora_file import LowRankModule
 from lib_klora.params.model import KLoraParams
 
@@ -177,19 +177,25 @@ class KLoraScript(webui.KLoraScriptBase):
     def process(self, p: Any, *args: Any) -> None:
         # K-LoRA's authors recommend S* for FLUX: the default there, unless the request chose a pattern.
         model_pattern = "s*" if webui.is_flux_model() else None
-        job = webui.begin_job(
-            p, args, lambda first, hires: build_job(p, first, hires), model_pattern=model_pattern
+        job = job_start.begin_job(
+            p,
+            args,
+            lambda first, hires: build_job(p, first, hires),
+            model_pattern=model_pattern,
+            check_loras=webui.check_lora_pair,
         )
         if job is None:
             return
         pair = job.params or job.hires_params
-        engine.guard_sample(p, job, on_failure=lambda exc: webui.end_guidance(job))
+        engine.guard_sample(p, job, on_failure=lambda exc: guidance_glue.end_guidance(job))
 
         def decoder() -> Any:
-            return API.vae_decoder(p) if pair.guidance_decoder == "vae" else webui.taesd_decoder().decode
+            return (
+                API.vae_decoder(p) if pair.guidance_decoder == "vae" else guidance_glue.taesd_decoder().decode
+            )
 
-        if webui.start_guidance(p, job, pair, decoder, lambda: engine.teardown(job)):
-            webui.prepare_job(p, pair)
+        if guidance_glue.start_guidance(p, job, pair, decoder, lambda: engine.teardown(job)):
+            job_start.prepare_job(p, pair)
 
     def process_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
         # First pass: forge_objects were just reset from the LoRA-applied ones; the conds come next.
@@ -231,10 +237,10 @@ class KLoraScript(webui.KLoraScriptBase):
         if job is None:
             return
         engine.teardown(job)
-        webui.end_guidance(job)
+        guidance_glue.end_guidance(job)
         p._klora = None
         if not job.failed:
-            webui.add_selection_maps(processed, job)
+            job_start.add_selection_maps(processed, job)
 
 
 def build_job(p: Any, first: KLoraParams | None, hires: KLoraParams | None) -> engine.PatcherJob:
@@ -302,7 +308,7 @@ def _post_cfg(p: Any, job: engine.PatcherJob) -> Any:
             return job.guidance.apply(denoised, args["sigma"], job.tracker.step, job.tracker.steps)
         except Exception as exc:  # guidance stops, the fusion goes on
             traceback.print_exception(type(exc), exc, exc.__traceback__)
-            webui.guidance_off(p, job, f"guidance failed and was switched off: {exc}")
+            guidance_glue.guidance_off(p, job, f"guidance failed and was switched off: {exc}")
             return denoised
 
     return post_cfg
@@ -319,19 +325,19 @@ def on_cfg_denoiser(params: Any) -> None:
         return
     try:
         is_hires = bool(getattr(p, "is_hr_pass", False))
-        engine.on_step(job, denoiser, is_hires, webui.evals_per_step(denoiser))
+        engine.on_step(job, denoiser, is_hires, job_start.evals_per_step(denoiser))
     except Exception as exc:  # callbacks must not raise: the host logs it every step
         fail_job(p, job, exc)
 
 
 def fail_job(p: Any, job: engine.PatcherJob, exc: BaseException) -> None:
-    webui.report_failure(p, job, exc)
+    job_start.report_failure(p, job, exc)
     engine.teardown(job)
-    webui.end_guidance(job)
+    guidance_glue.end_guidance(job)
 
 
 def on_model_loaded(_model: Any) -> None:
-    webui.taesd_decoders.clear()
+    guidance_glue.taesd_decoders.clear()
 
 
 def register_callbacks(host: str) -> None:

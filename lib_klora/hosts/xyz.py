@@ -17,7 +17,8 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lib_klora.params.model import XYZ_AXES, ParamsError, XyzAxis, apply_xyz
+from lib_klora.params.parsing import ParamsError
+from lib_klora.params.xyz import XYZ_AXES, XyzAxis, apply_xyz
 
 __all__ = [
     "LORA_AXIS_COST",

@@ -29,7 +29,9 @@ import difflib
 import re
 from collections.abc import Mapping
 
-from lib_klora.params.model import POSITIONAL_FIELDS, REFERENCE_FIELDS, KLoraParams, ParamsError
+from lib_klora.params.fields import REFERENCE_FIELDS
+from lib_klora.params.model import POSITIONAL_FIELDS, KLoraParams
+from lib_klora.params.parsing import ParamsError
 
 __all__ = [
     "TAG_ALIASES",
@@ -175,3 +177,13 @@ def params_from_prompt(prompt: str, base: KLoraParams | None = None) -> KLoraPar
     """
     results = [params_from_tag(positional, named, base) for positional, named in find_tags(prompt)]
     return results[0] if results else None
+
+
+HIRES_PAIR_RULE = "the hires prompt's <klora> tag must name the same subject and style LoRAs"
+
+
+def same_loras(*params: KLoraParams | None) -> bool:
+    """Whether every given pass (None: no K-LoRA there) fuses the same subject and style: a hires tag may
+    change settings, never the LoRAs, since both passes share one loaded pair."""
+    pairs = {(p.subject, p.style) for p in params if p is not None}
+    return len(pairs) <= 1

@@ -12,8 +12,9 @@ from pathlib import Path
 from lib_klora import __version__
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.from_files import plan_from_files
-from lib_klora.fusion.plan import FusionPlan, GammaVariant, Method, PlanSettings
-from lib_klora.fusion.schedule import DEFAULT_ALPHA, Pattern
+from lib_klora.fusion.options import PLANNED_METHODS, GammaVariant, Pattern
+from lib_klora.fusion.plan import PlanSettings
+from lib_klora.fusion.schedule import DEFAULT_ALPHA
 from lib_klora.fusion.selection_map import save_selection_map
 
 
@@ -50,29 +51,6 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
     )
 
 
-def map_title(plan: FusionPlan) -> str:
-    s = plan.settings
-    return (
-        f"{s.method.value}  pattern {s.pattern.value}  alpha {s.alpha:g}  beta {s.resolved_beta:g}  "
-        f"gamma {plan.gamma:.4g} ({s.gamma.value})"
-    )
-
-
-def summary(plan: FusionPlan, steps: int) -> str:
-    schedule = plan.schedule(steps)
-    subject_share = float((schedule.choices == 0).float().mean()) if schedule.choices.numel() else 0.0
-    switching = sum(1 for i in range(len(plan.table.layers)) if schedule.switch_steps(i))
-    only = plan.table.exclusive
-    return "\n".join(
-        [
-            f"layers in both LoRAs: {len(plan.table.layers)}   subject only: {len(only[0])}   "
-            f"style only: {len(only[1])}",
-            f"gamma ({plan.settings.gamma.value}): {plan.gamma:.6g}",
-            f"subject share over {steps} steps: {subject_share:.1%}   layers that switch: {switching}",
-        ]
-    )
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     cache = ScoreCache(directory=args.cache_dir) if args.cache_dir else None
     progress = ProgressBar("scoring", enabled=not args.quiet)
@@ -89,10 +67,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.png:
         schedule = plan.schedule(args.steps)
         save_selection_map(
-            args.png, plan.layer_names, schedule.choices.tolist(), schedule.labels, map_title(plan)
+            args.png, plan.layer_names, schedule.choices.tolist(), schedule.labels, plan.title()
         )
     if not args.quiet and args.json != "-":
-        print(summary(plan, args.steps))
+        print(plan.summary(args.steps))
         for what, target in (("plan", args.json), ("selection map", args.png)):
             if target:
                 print(f"wrote {what}: {target}")
@@ -128,7 +106,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=[m.value for m in Method],
+        choices=[m.value for m in PLANNED_METHODS],
         default="klora",
         help="klora, or a baseline: merge (both always), fixed (time only), random (1/3 subject)",
     )

@@ -8,7 +8,6 @@ from pathlib import Path
 from lib_klora.fusion.from_files import plan_from_files
 from lib_klora.fusion.plan import PlanSettings
 from lib_klora.fusion.selection_map import save_selection_map
-from lib_klora.tools.cli import map_title, summary
 from lib_klora.tools.synthetic import depth_gain, make_lora_tensors, unet_layer_shapes, write_lora
 
 
@@ -43,11 +42,11 @@ def run_demo(out: Path, steps: int = 30, quiet: bool = False) -> dict[str, Path]
             plan.layer_names,
             schedule.choices.tolist(),
             schedule.labels,
-            map_title(plan),
+            plan.title(),
         )
         written[f"plan_{tag}"], written[f"map_{tag}"] = json_path, png_path
         if not quiet:
-            print(f"== pattern {pattern} ==\n{summary(plan, steps)}")
+            print(f"== pattern {pattern} ==\n{plan.summary(steps)}")
     if not quiet:
         for name, path in written.items():
             print(f"{name:>12}: {path}")

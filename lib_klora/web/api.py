@@ -33,7 +33,14 @@ except ImportError:  # pragma: no cover - depends on the installed pydantic
     from pydantic import BaseModel, Extra, StrictBool, StrictStr, ValidationError, conint  # type: ignore
 
 from lib_klora.params.model import KLoraParams
-from lib_klora.params.prompt_tag import TAG_NAME, find_tags, format_tag, params_from_tag
+from lib_klora.params.prompt_tag import (
+    HIRES_PAIR_RULE,
+    TAG_NAME,
+    find_tags,
+    format_tag,
+    params_from_tag,
+    same_loras,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +148,7 @@ def validate_generation_request(
                 _check_names(params, resolve_lora, where)
             _check_files(params, check_loras, where)
 
-    pairs: dict[str, tuple[str, str]] = {}
+    first_tag_per_field: dict[str, KLoraParams] = {}
     for field, tags in tagged:
         for positional, named in tags:
             try:
@@ -153,11 +160,9 @@ def validate_generation_request(
             if resolve_lora is not None:
                 _check_names(params, resolve_lora, where)
             _check_files(params, check_loras, where)
-            pairs.setdefault(field, (params.subject, params.style))
-    if len(set(pairs.values())) > 1:  # the job would stop at its start: say so before queueing it
-        raise RequestRejected(
-            "hr_prompt: the hires prompt's <klora> tag must name the same subject and style LoRAs"
-        )
+            first_tag_per_field.setdefault(field, params)
+    if not same_loras(*first_tag_per_field.values()):  # the job would stop at its start: say so now
+        raise RequestRejected(f"hr_prompt: {HIRES_PAIR_RULE}")
     return True
 
 
@@ -387,12 +392,9 @@ def build_plan_response(body: Any, plan_for_names: PlanForNames) -> dict[str, An
 
 def _map_png_base64(plan: Any, steps: int) -> str:
     from lib_klora.fusion.selection_map import render_selection_map
-    from lib_klora.tools.cli import map_title  # imports torch via the engine: only when a map is asked for
 
     schedule = plan.schedule(steps)
-    image = render_selection_map(
-        plan.layer_names, schedule.choices.tolist(), schedule.labels, map_title(plan)
-    )
+    image = render_selection_map(plan.layer_names, schedule.choices.tolist(), schedule.labels, plan.title())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -8,17 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lib_klora.dynamic import hooks
 from lib_klora.dynamic import selectors as dynamic
-from lib_klora.dynamic.selectors import (
-    LABELS,
-    ConvSpec,
-    DynamicSelector,
-    LowRankBranch,
-    choose,
-    install_hooks,
-    kl_divergences,
-    subsample_tokens,
-)
+from lib_klora.dynamic.branches import ConvSpec, LowRankBranch
+from lib_klora.dynamic.hooks import install_hooks
+from lib_klora.dynamic.kl import LABELS, choose, kl_divergences, subsample_tokens
+from lib_klora.dynamic.selectors import DynamicSelector
 from lib_klora.fusion.schedule import progress_at, time_scale
 from lib_klora.fusion.selection_map import render_selection_map
 from lib_klora.loras.lora_file import LowRankModule
@@ -376,7 +371,7 @@ def _base(module: nn.Module, x: Tensor) -> Tensor:
 def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a hook test on both paths: the CPU's host-side choice and the sync-free torch.where one."""
     if request.param == "device":
-        monkeypatch.setattr(dynamic, "_SYNC_FREE_DEVICES", ())
+        monkeypatch.setattr(hooks, "SYNC_FREE_DEVICES", ())
     return request.param
 
 

@@ -1,4 +1,4 @@
-"""The Forge/reForge engine (`patcher_engine`: forward hooks over the host's own layers) on CPU stand-ins.
+"""The Forge/reForge engine (`engines/patcher.py`: forward hooks over the host's own layers) on CPU stand-ins.
 
 The layers are the hosts' classes as `fake_patcher_hosts` reproduces them (Forge's Linear is not an
 nn.Linear); the patch dicts are in Forge's value format, ("lora", (up, down, alpha, mid, dora_scale)) etc.,
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_klora.dynamic.selectors import DenseBranch, LowRankBranch, SlicedBranch, kl_divergences
+from lib_klora.dynamic.branches import DenseBranch, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.kl import kl_divergences
 from lib_klora.engines.patcher import (
-    PatcherJobError,
+    JobError,
     build_patcher_job,
     compute_dtype,
     guard_sample,
@@ -300,7 +301,7 @@ def test_job_errors_name_the_problem(host: Host) -> None:
     subject, style = host.deltas()
     with pytest.raises(ValueError):
         build_patcher_job(None, None, (subject, style))
-    with pytest.raises(PatcherJobError, match="LoRA 'style'"):
+    with pytest.raises(JobError, match="LoRA 'style'"):
         build_patcher_job(host.params(), None, (subject, {}))
     with pytest.raises(IncompatibleLorasError, match="no layer in common"):
         build_patcher_job(host.params(), None, ({ONLY_SUBJECT: subject[ONLY_SUBJECT]}, {FF: style[FF]}))
@@ -311,7 +312,7 @@ def test_a_sliced_convolution_is_refused_when_installing(host: Host) -> None:
     subject, _ = module_deltas({(f"{CONV}.weight", (0, 0, 3)): value}, finder(host.model), decode, dense)
     _, style = host.deltas()
     job = build_patcher_job(host.params(), None, (subject, {CONV: style[CONV]}))
-    with pytest.raises(PatcherJobError, match="partial LoRA patches of a convolution"):
+    with pytest.raises(JobError, match="partial LoRA patches of a convolution"):
         install(job, STRENGTHS)
 
 

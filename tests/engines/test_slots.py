@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_klora.dynamic.selectors import kl_divergences
+from lib_klora.dynamic.kl import kl_divergences
 from lib_klora.engines import slots as engine
 from lib_klora.engines.slots import (
     DIRTY,
     HostDelta,
     Job,
-    KLoraJobError,
+    JobError,
     NetworkCache,
     build_job,
     guard_sample,
@@ -648,7 +648,7 @@ def test_layers_only_one_lora_adapts_are_always_applied(host: Host) -> None:
 
 
 def test_unknown_lora_is_named(host: Host) -> None:
-    with pytest.raises(KLoraJobError, match="'nonexistent'"):
+    with pytest.raises(JobError, match="'nonexistent'"):
         host.job(host.params(style="nonexistent"))
 
 
@@ -672,7 +672,7 @@ def test_alias_resolves_and_pickles_are_refused(host: Host) -> None:
     torch.save({"lora_unet_a.lora_down.weight": torch.zeros(1, 8)}, host.lora_dir / "pickled.pt")
     host.nets.list_available_networks()
     assert host.job(host.params(style="pretty")).nets[1].network_on_disk.name == "file_name"
-    with pytest.raises(KLoraJobError, match="pickle"):
+    with pytest.raises(JobError, match="pickle"):
         host.job(host.params(style="pickled"))
     assert "pickled" not in host.nets.loads
 
@@ -691,7 +691,7 @@ def test_forbidden_alias_resolves_by_name_only(host: Host) -> None:
     host.nets.list_available_networks()
     assert "shared" in host.nets.forbidden_network_aliases
     assert host.job(host.params(style="two")).nets[1].name == "two"
-    with pytest.raises(KLoraJobError, match="'shared'"):
+    with pytest.raises(JobError, match="'shared'"):
         host.job(host.params(style="shared"))
 
 
@@ -705,14 +705,14 @@ def test_lora_without_unet_layers_is_refused(host: Host, layers: dict[str, float
         other.network_layer_mapping = {"diffusion_model_zzz": other.unet["a"]}
         write_kohya_lora(path, other, {"diffusion_model_zzz": 1.0}, rank=2, alpha=1.0, seed=4)
     host.nets.list_available_networks()
-    with pytest.raises(KLoraJobError, match=r"found no UNet layer .* in LoRA 'other'"):
+    with pytest.raises(JobError, match=r"found no UNet layer .* in LoRA 'other'"):
         host.job(host.params(style="other"))
 
 
 def test_loras_sharing_no_unet_layer_are_refused(host: Host) -> None:
     write_kohya_lora(host.lora_dir / "only_e.safetensors", host.model, {E: 1.0}, rank=2, alpha=1.0, seed=4)
     host.nets.list_available_networks()
-    with pytest.raises(KLoraJobError, match="in common"):
+    with pytest.raises(JobError, match="in common"):
         host.job(host.params(style="only_e"))
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lib_klora.fusion.from_files import plan_from_files
-from lib_klora.fusion.plan import FusionPlan, GammaVariant, Method, PlanSettings, balance_factors
+from lib_klora.fusion.options import GammaVariant, Method
+from lib_klora.fusion.plan import FusionPlan, PlanSettings, balance_factors
 from lib_klora.fusion.schedule import OFFICIAL_CODE_STAR_BETA, progress_at, time_scale
 from lib_klora.fusion.scores import LayerScores, ScoreTable
 from lib_klora.tools.synthetic import make_lora_tensors, write_lora

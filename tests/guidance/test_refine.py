@@ -239,7 +239,7 @@ def test_download_lands_in_the_weights_folder_atomically(
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr("lib_klora.guidance.encoders.hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr("lib_klora.guidance.downloads.hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(downloads, "_hub_offline", lambda: False)
     messages: list[str] = []
     target = tmp_path / "klora" / "timm_x.safetensors"

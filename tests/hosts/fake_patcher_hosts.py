@@ -1,4 +1,4 @@
-"""Minimal, faithful stand-ins for Forge's and reForge's LoRA machinery, for CPU tests of `patcher_engine`
+"""Minimal, faithful stand-ins for Forge's and reForge's LoRA machinery, for CPU tests of `engines/patcher.py`
 and `hosts/forge.py`.
 
 Written from scratch (no host code copied); each piece reproduces the interface and behaviour of:
@@ -684,13 +684,19 @@ def reforge_ldm_patched() -> dict[str, types.ModuleType]:
     }
 
 
-KLORA_HOST_MODULES = ("lib_klora.hosts.forge", "lib_klora.hosts.webui")
+KLORA_HOST_MODULES = (
+    "lib_klora.hosts.forge",
+    "lib_klora.hosts.webui",
+    "lib_klora.hosts.job_start",
+    "lib_klora.hosts.guidance_glue",
+)
 
 
 @dataclass
 class FakeWebUI:
     forge: types.ModuleType  # lib_klora.hosts.forge, imported against the fakes
     webui: types.ModuleType
+    job_start: types.ModuleType
     callbacks: CallbackLog
     networks: FakeNetworks
     shared: types.ModuleType
@@ -714,14 +720,21 @@ def installed_webui(tmp_path: Path, lora_dir: Path) -> Iterator[FakeWebUI]:
     }
     names = [*fakes, *KLORA_HOST_MODULES]
     saved = {name: sys.modules.get(name) for name in names}
-    saved_attrs = {n: getattr(hosts_package, n, None) for n in ("forge", "webui")}
+    saved_attrs = {
+        n: getattr(hosts_package, n, None) for n in ("forge", "webui", "job_start", "guidance_glue")
+    }
     for name in KLORA_HOST_MODULES:
         sys.modules.pop(name, None)
     sys.modules.update(fakes)
     try:
         forge = importlib.import_module("lib_klora.hosts.forge")
         yield FakeWebUI(
-            forge, sys.modules["lib_klora.hosts.webui"], callbacks, networks, fakes["modules.shared"]
+            forge,
+            sys.modules["lib_klora.hosts.webui"],
+            sys.modules["lib_klora.hosts.job_start"],
+            callbacks,
+            networks,
+            fakes["modules.shared"],
         )
     finally:
         for name, module in saved.items():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_klora.dynamic.selectors import kl_divergences
+from lib_klora.dynamic.kl import kl_divergences
 from lib_klora.engines import patcher as engine
 from lib_klora.engines.patcher import LowRankFactors, PatcherJob, build_patcher_job, module_deltas, on_step
 from lib_klora.fusion.plan import FusionPlan, StepSchedule

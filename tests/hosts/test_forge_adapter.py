@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 import lib_klora.hosts as hosts_package
-from lib_klora.dynamic.selectors import DenseBranch, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.branches import DenseBranch, LowRankBranch, SlicedBranch
 from lib_klora.engines import patcher as engine
 from lib_klora.params.model import KLoraParams
 from tests.hosts.fake_patcher_hosts import (
@@ -93,7 +93,7 @@ def webui(tmp_path: Path) -> Iterator[FakeWebUI]:
     # Nothing of the fakes, nor the K-LoRA modules imported against them, outlives the test.
     assert {name: sys.modules.get(name) for name in before} == before
     assert not any(name.startswith(("modules.", "backend.", "ldm_patched.")) for name in sys.modules)
-    assert not hasattr(hosts_package, "forge") and not hasattr(hosts_package, "webui")
+    assert not any(hasattr(hosts_package, name) for name in ("forge", "webui", "job_start", "guidance_glue"))
 
 
 def api(webui: FakeWebUI, host: str) -> Any:
@@ -587,7 +587,7 @@ def test_flux_defaults_to_s_star_unless_the_request_chose(webui: FakeWebUI, flux
     webui.shared.sd_model = _FluxModel(flux)
     model_pattern = "s*" if webui.webui.is_flux_model() else None
     assert (model_pattern == "s*") is flux
-    job_params = webui.webui.job_params
+    job_params = webui.job_start.job_params
     chosen = {"enabled": True, "subject": "a", "style": "b"}
     # An API dict without a pattern, or a tag with the accordion off, takes the model's recommendation.
     first, _ = job_params(_p(), (chosen,), model_pattern=model_pattern)

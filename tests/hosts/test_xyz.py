@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from lib_klora.hosts import xyz
-from lib_klora.params.model import XYZ_AXES, KLoraParams, ParamsError
+from lib_klora.params.model import KLoraParams
+from lib_klora.params.parsing import ParamsError
+from lib_klora.params.xyz import XYZ_AXES
 
 NAMES = ["dog_subject", "ink_style"]
 

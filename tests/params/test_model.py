@@ -11,18 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib_klora.params.model import (
-    CHOICES,
-    FIELD_HELP,
-    FIELD_LABELS,
-    INFOTEXT_KEYS,
-    POSITIONAL_FIELDS,
-    XYZ_AXES,
-    KLoraParams,
-    ParamsError,
-    apply_xyz,
-    clip_model_parts,
-)
+from lib_klora.params.fields import CHOICES, FIELD_HELP, FIELD_LABELS, INFOTEXT_KEYS
+from lib_klora.params.model import POSITIONAL_FIELDS, KLoraParams
+from lib_klora.params.parsing import ParamsError, clip_model_parts
+from lib_klora.params.xyz import XYZ_AXES, apply_xyz
 
 EXPECTED_ORDER = (
     "enabled",
@@ -233,7 +225,7 @@ def test_pattern_spellings(spelling: str) -> None:
 
 
 def test_enum_members_are_accepted() -> None:
-    from lib_klora.fusion.schedule import Pattern
+    from lib_klora.fusion.options import Pattern
 
     assert KLoraParams(pattern=Pattern.S_STAR).pattern == "s*"
 
@@ -417,14 +409,27 @@ def test_help_and_labels_cover_exactly_the_fields() -> None:
     assert all(text.strip() for text in (*FIELD_HELP.values(), *FIELD_LABELS.values()))
 
 
-def test_literal_mirrors_match_the_engine_enums() -> None:
-    from lib_klora.fusion.schedule import Pattern
+def test_choices_and_field_types_come_from_the_fusion_vocabulary() -> None:
+    from typing import get_args
 
-    assert CHOICES["pattern"] == tuple(p.value for p in Pattern)
+    from lib_klora.fusion.options import GammaVariant, Method, Pattern
+    from lib_klora.params.fields import GammaName, MethodName, PatternName
+
+    for field, enum_type, literal in (
+        ("method", Method, MethodName),
+        ("hires_method", Method, MethodName),
+        ("pattern", Pattern, PatternName),
+        ("gamma", GammaVariant, GammaName),
+    ):
+        assert CHOICES[field] == tuple(member.value for member in enum_type)
+        assert get_args(literal) == CHOICES[field]
+    assert "dynamic" in CHOICES["method"] and not Method.DYNAMIC.precomputed
+
+
+def test_a_plan_refuses_the_method_that_decides_during_sampling() -> None:
     plan = pytest.importorskip("lib_klora.fusion.plan", reason="needs torch")
-    # "dynamic" has no precomputed plan: the engine's Method covers the static methods only.
-    assert CHOICES["method"] == (*(m.value for m in plan.Method), "dynamic")
-    assert CHOICES["gamma"] == tuple(g.value for g in plan.GammaVariant)
+    with pytest.raises(ValueError, match="no precomputed plan"):
+        plan.PlanSettings(method="dynamic")
 
 
 def test_module_imports_without_torch() -> None:
@@ -476,7 +481,7 @@ def test_for_pass_separate_merges_only_the_set_fields() -> None:
 
 def test_to_plan_settings() -> None:
     plan = pytest.importorskip("lib_klora.fusion.plan", reason="needs torch")
-    from lib_klora.fusion.schedule import Pattern
+    from lib_klora.fusion.options import Pattern
 
     p = enabled(
         subject_strength=0.8,

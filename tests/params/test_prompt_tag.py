@@ -8,7 +8,8 @@ import io
 import pytest
 from PIL import Image
 
-from lib_klora.params.model import KLoraParams, ParamsError
+from lib_klora.params.model import KLoraParams
+from lib_klora.params.parsing import ParamsError
 from lib_klora.params.prompt_tag import (
     TAG_ALIASES,
     TAG_KEYS,

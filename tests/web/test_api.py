@@ -18,7 +18,8 @@ import pytest
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.from_files import plan_from_files
 from lib_klora.fusion.plan import PlanSettings
-from lib_klora.params.model import POSITIONAL_FIELDS, KLoraParams, ParamsError
+from lib_klora.params.model import POSITIONAL_FIELDS, KLoraParams
+from lib_klora.params.parsing import ParamsError
 from lib_klora.web import api
 
 fastapi = pytest.importorskip("fastapi")

@@ -20,10 +20,13 @@ from typing import Any
 
 import pytest
 
+from lib_klora.params.fields import CHOICES, FIELD_HELP, FIELD_LABELS, REFERENCE_FIELDS
+from lib_klora.params.model import POSITIONAL_FIELDS, KLoraParams
+from lib_klora.params.parsing import ParamsError
+
 gr = pytest.importorskip("gradio")
 
-from lib_klora.params.model import CHOICES, FIELD_HELP, POSITIONAL_FIELDS, REFERENCE_FIELDS, KLoraParams  # noqa: E402
-from lib_klora.web import ui  # noqa: E402  (after the skip: ui imports gradio)
+from lib_klora.web import ui, ui_events, ui_paste, ui_values  # noqa: E402  (after the skip: they import gradio)
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["alpha_dog", "beta_style", "gamma ink"]
@@ -168,7 +171,7 @@ def test_every_new_field_has_its_control_in_the_right_section() -> None:
     assert set(kinds) == set(NEW_FIELDS)  # a field added to the model needs a line here
     for name, kind in kinds.items():
         assert isinstance(built.by_field[name], kind), name
-        assert built.by_field[name].label == ui.FIELD_LABELS[name]
+        assert built.by_field[name].label == FIELD_LABELS[name]
 
     def inside(group: Any) -> set[str]:
         found, todo = set(), list(group.children)
@@ -181,18 +184,18 @@ def test_every_new_field_has_its_control_in_the_right_section() -> None:
     dynamic = inside(built.extras["dynamic_group"])
     guidance = inside(built.extras["guidance_group"])
     for name in NEW_FIELDS:
-        assert (ui.elem_id(False, name) in dynamic) == name.startswith("kl_"), name
-        assert (ui.elem_id(False, name) in guidance) == (not name.startswith("kl_")), name
+        assert (ui_values.elem_id(False, name) in dynamic) == name.startswith("kl_"), name
+        assert (ui_values.elem_id(False, name) in guidance) == (not name.startswith("kl_")), name
 
 
 def test_guidance_controls_ranges() -> None:
     _, built = build()
     for name in ("guidance_style", "guidance_subject", "guidance_subject_clip", "guidance_text"):
         slider = built.by_field[name]
-        assert (slider.minimum, slider.maximum, slider.step) == ui.GUIDANCE_WEIGHT_SLIDER
+        assert (slider.minimum, slider.maximum, slider.step) == ui_values.GUIDANCE_WEIGHT_SLIDER
     for name in ("guidance_start", "guidance_end"):
         slider = built.by_field[name]
-        assert (slider.minimum, slider.maximum, slider.step) == ui.GUIDANCE_WINDOW_SLIDER
+        assert (slider.minimum, slider.maximum, slider.step) == ui_values.GUIDANCE_WINDOW_SLIDER
     for name, high in (("guidance_every", 1000), ("guidance_iters", 10)):
         box = built.by_field[name]
         assert (box.precision, box.minimum, box.maximum) == (0, 1, high)
@@ -256,7 +259,7 @@ def test_defaults_are_the_model_defaults() -> None:
     # beta is shown resolved (the pattern default) instead of empty
     assert shown.to_dict() == {**defaults.to_dict(), "beta": defaults.effective_beta}
     assert built.by_field["beta"].value == 0.5
-    assert built.by_field["hires_method"].value == ui.SAME
+    assert built.by_field["hires_method"].value == ui_values.SAME
     assert built.by_field["hires_alpha"].value is None
     assert built.by_field["style_refs"].value is None and built.by_field["subject_refs"].value is None
 
@@ -279,7 +282,7 @@ def test_guidance_section_closed_by_default() -> None:
     _, built = build()
     group = built.extras["guidance_group"]
     assert group.open is False
-    assert group.label == ui.GUIDANCE_GROUP_LABEL == "Reference guidance"
+    assert group.label == ui_values.GUIDANCE_GROUP_LABEL == "Reference guidance"
     assert group.visible is not False
 
 
@@ -317,16 +320,16 @@ def test_choice_values_are_model_values_and_hold_the_default(name: str) -> None:
     values = choice_values(component)
     assert component.value in values
     unset = name in ("hires_method", "hires_pattern")  # SAME stands for "keep the first pass's value"
-    assert values == ([ui.SAME] if unset else []) + list(CHOICES[name])
+    assert values == ([ui_values.SAME] if unset else []) + list(CHOICES[name])
     for value in values:  # each one is accepted by the model
         parsed = KLoraParams(**{name: value})
-        assert getattr(parsed, name) == (None if unset and value == ui.SAME else value)
+        assert getattr(parsed, name) == (None if unset and value == ui_values.SAME else value)
 
 
 def test_labelled_choices_on_gradio_4_plain_values_on_gradio_3() -> None:
     _, built = build()
     choices = built.by_field["method"].choices
-    if ui.GRADIO_MAJOR >= 4:
+    if ui_values.GRADIO_MAJOR >= 4:
         assert ("Direct merge (baseline)", "merge") in [tuple(c) for c in choices]
         assert ("Dynamic (KL on activations)", "dynamic") in [tuple(c) for c in choices]
         assert ("Dynamic (KL on activations)", "dynamic") in [
@@ -340,7 +343,7 @@ def test_labelled_choices_on_gradio_4_plain_values_on_gradio_3() -> None:
 @pytest.mark.parametrize("name", sorted(CHOICES))
 def test_every_choice_has_a_label(name: str) -> None:
     # gradio 4 shows these labels; a value without one would show as its bare model word
-    assert set(ui._VALUE_LABELS[name]) == set(CHOICES[name])
+    assert set(ui_values._VALUE_LABELS[name]) == set(CHOICES[name])
 
 
 def test_lora_dropdowns_list_the_names_and_start_empty() -> None:
@@ -366,32 +369,34 @@ def test_strength_sliders_cover_zero_to_two() -> None:
     _, built = build()
     for name in ("subject_strength", "style_strength"):
         slider = built.by_field[name]
-        assert (slider.minimum, slider.maximum, slider.step) == ui.STRENGTH_SLIDER
+        assert (slider.minimum, slider.maximum, slider.step) == ui_values.STRENGTH_SLIDER
 
 
 # ---------------------------------------------------------------- event handlers
 
 
 def test_refresh_keeps_values_still_listed() -> None:
-    subject, style = ui.refresh_lora_choices("alpha_dog", "removed", ["alpha_dog", "new_one"])
-    assert subject["choices"] == style["choices"] == ui.lora_choices(["alpha_dog", "new_one"])
+    subject, style = ui_events.refresh_lora_choices("alpha_dog", "removed", ["alpha_dog", "new_one"])
+    assert subject["choices"] == style["choices"] == ui_events.lora_choices(["alpha_dog", "new_one"])
     assert subject["value"] == "alpha_dog"
     assert style["value"] == ""
 
 
 def test_refresh_clears_none_values() -> None:
-    subject, style = ui.refresh_lora_choices(None, "", NAMES)
+    subject, style = ui_events.refresh_lora_choices(None, "", NAMES)
     assert subject["value"] == style["value"] == ""
 
 
 @pytest.mark.parametrize("role", ["subject", "style"])
 def test_card_pick_sets_the_dropdown_and_enables(role: str) -> None:
     payload = json.dumps({"role": role, "name": "gamma ink"})
-    subject, style, enabled = ui.apply_card_pick(payload, "alpha_dog", "beta_style", NAMES)
+    subject, style, enabled = ui_events.apply_card_pick(payload, "alpha_dog", "beta_style", NAMES)
     picked, other = (subject, style) if role == "subject" else (style, subject)
     assert picked["value"] == "gamma ink"
     assert other["value"] == ("beta_style" if role == "subject" else "alpha_dog")
-    assert subject["choices"] == ui.lora_choices(NAMES) and style["choices"] == ui.lora_choices(NAMES)
+    assert subject["choices"] == ui_events.lora_choices(NAMES) and style["choices"] == ui_events.lora_choices(
+        NAMES
+    )
     assert enabled["value"] is True
 
 
@@ -407,7 +412,7 @@ def test_card_pick_sets_the_dropdown_and_enables(role: str) -> None:
     ],
 )
 def test_card_pick_ignores_bad_payloads(payload: Any) -> None:
-    for update in ui.apply_card_pick(payload, "alpha_dog", "", NAMES):
+    for update in ui_events.apply_card_pick(payload, "alpha_dog", "", NAMES):
         assert "value" not in update and "choices" not in update
 
 
@@ -416,64 +421,66 @@ def test_card_pick_ignores_bad_payloads(payload: Any) -> None:
     [("s*", 0.5, 1.3), ("s", 1.3, 0.5), ("s*", None, 1.3), ("s", "", 0.5), ("s*", 1.3, 1.3)],
 )
 def test_pattern_change_moves_an_untouched_beta(pattern: str, beta: Any, expected: float) -> None:
-    assert ui.beta_after_pattern_change(pattern, beta)["value"] == expected
+    assert ui_events.beta_after_pattern_change(pattern, beta)["value"] == expected
 
 
 @pytest.mark.parametrize(("pattern", "beta"), [("s*", 0.9), ("s", 0.0), ("bogus", 0.5), (None, 0.5)])
 def test_pattern_change_keeps_an_edited_beta(pattern: Any, beta: Any) -> None:
-    assert "value" not in ui.beta_after_pattern_change(pattern, beta)
+    assert "value" not in ui_events.beta_after_pattern_change(pattern, beta)
 
 
 def test_hires_pattern_change() -> None:
-    assert ui.hires_beta_after_pattern_change("s*", None)["value"] == 1.3
-    assert ui.hires_beta_after_pattern_change("s", 1.3)["value"] == 0.5
-    assert ui.hires_beta_after_pattern_change(ui.SAME, 1.3)["value"] is None  # back to "same as first pass"
-    assert "value" not in ui.hires_beta_after_pattern_change("s*", 0.77)
-    assert "value" not in ui.hires_beta_after_pattern_change(ui.SAME, 0.77)
+    assert ui_events.hires_beta_after_pattern_change("s*", None)["value"] == 1.3
+    assert ui_events.hires_beta_after_pattern_change("s", 1.3)["value"] == 0.5
+    assert (
+        ui_events.hires_beta_after_pattern_change(ui_values.SAME, 1.3)["value"] is None
+    )  # back to "same as first pass"
+    assert "value" not in ui_events.hires_beta_after_pattern_change("s*", 0.77)
+    assert "value" not in ui_events.hires_beta_after_pattern_change(ui_values.SAME, 0.77)
 
 
 def test_visibility_handlers() -> None:
-    assert ui.seed_visibility("random")["visible"] is True
-    assert ui.seed_visibility("klora")["visible"] is False
-    assert ui.hires_group_visibility("separate")["visible"] is True
-    assert ui.hires_group_visibility("same")["visible"] is False
+    assert ui_events.seed_visibility("random")["visible"] is True
+    assert ui_events.seed_visibility("klora")["visible"] is False
+    assert ui_events.hires_group_visibility("separate")["visible"] is True
+    assert ui_events.hires_group_visibility("same")["visible"] is False
 
 
 @pytest.mark.parametrize(
     ("method", "hires", "hires_method", "dynamic", "seed"),
     [
-        ("klora", "same", ui.SAME, False, False),
-        ("dynamic", "same", ui.SAME, True, False),
+        ("klora", "same", ui_values.SAME, False, False),
+        ("dynamic", "same", ui_values.SAME, True, False),
         ("dynamic", "off", "merge", True, False),  # the first pass still runs dynamic
         ("klora", "separate", "dynamic", True, False),
         ("klora", "same", "dynamic", False, False),  # hires method ignored unless "separate"
         ("klora", "off", "dynamic", False, False),
         ("dynamic", "separate", "random", True, True),
         ("klora", "separate", "random", False, True),  # the hires pass uses the seed
-        ("random", "separate", ui.SAME, False, True),
-        ("klora", "separate", ui.SAME, False, False),
+        ("random", "separate", ui_values.SAME, False, True),
+        ("klora", "separate", ui_values.SAME, False, False),
         (None, None, None, False, False),
     ],
 )
 def test_method_visibility(method: Any, hires: Any, hires_method: Any, dynamic: bool, seed: bool) -> None:
-    assert ui.dynamic_group_visibility(method, hires, hires_method) == gr.update(visible=dynamic)
-    assert ui.seed_visibility(method, hires, hires_method) == gr.update(visible=seed)
-    assert ui.method_visibility(method, hires, hires_method) == (
+    assert ui_events.dynamic_group_visibility(method, hires, hires_method) == gr.update(visible=dynamic)
+    assert ui_events.seed_visibility(method, hires, hires_method) == gr.update(visible=seed)
+    assert ui_events.method_visibility(method, hires, hires_method) == (
         gr.update(visible=seed),
         gr.update(visible=dynamic),
     )
 
 
 def test_dynamic_visibility_defaults_to_the_first_pass() -> None:
-    assert ui.dynamic_group_visibility("dynamic")["visible"] is True
-    assert ui.dynamic_group_visibility("merge")["visible"] is False
+    assert ui_events.dynamic_group_visibility("dynamic")["visible"] is True
+    assert ui_events.dynamic_group_visibility("merge")["visible"] is False
 
 
 def test_guidance_switch_opens_and_titles_its_section() -> None:
-    on = ui.guidance_group_update(True)
+    on = ui_events.guidance_group_update(True)
     assert on["open"] is True and on["label"] == "Reference guidance (on)"
     for value in (False, None):
-        off = ui.guidance_group_update(value)
+        off = ui_events.guidance_group_update(value)
         assert off["label"] == "Reference guidance"
         assert "open" not in off  # switching off leaves the section as the user has it
 
@@ -570,7 +577,7 @@ def test_hires_visibility_through_gradio() -> None:
 def test_method_visibility_through_gradio() -> None:
     demo, _ = build()
     e = "klora_txt2img_"
-    seed, dynamic = run_event(demo, e + "method", ["dynamic", "same", ui.SAME])
+    seed, dynamic = run_event(demo, e + "method", ["dynamic", "same", ui_values.SAME])
     assert (seed["visible"], dynamic["visible"]) == (False, True)
     seed, dynamic = run_event(demo, e + "hires_method", ["klora", "separate", "random"])
     assert (seed["visible"], dynamic["visible"]) == (True, False)
@@ -661,13 +668,13 @@ def test_pasted_numbers_keep_their_arrow_step() -> None:
     for name in ("alpha", "beta", "kl_temperature", "guidance_eta", "hires_alpha"):
         component, update = by_name[name]
         sent = update
-        if ui.GRADIO_MAJOR < 4:
+        if ui_values.GRADIO_MAJOR < 4:
             # what gradio 3 sends the browser for this update (its Number.update would add step=1)
             from gradio.blocks import postprocess_update_dict
 
             sent = postprocess_update_dict(component, update, True)
         assert sent.get("step", component.step) == component.step != 1, name
-    if ui.GRADIO_MAJOR >= 4:  # plain values there: Forge's API `infotext` casts them to the box's type
+    if ui_values.GRADIO_MAJOR >= 4:  # plain values there: Forge's API `infotext` casts them to the box's type
         assert by_name["kl_temperature"][1] == {"__type__": "update", "value": 0.35}  # the helper's wrapping
         key = next(key for _, key in built.infotext_fields if key.field_name == "kl_temperature")
         assert key(infotext_entries(GUIDED)) == 0.35
@@ -726,7 +733,7 @@ def test_paste_never_touches_the_reference_boxes(entries: dict[str, str]) -> Non
     for name in REFERENCE_FIELDS:
         # The host's paste (and "Send to img2img", and the API's `infotext`) only reaches listed targets.
         assert all(component is not built.by_field[name] for component in targets)
-        assert ui.infotext_key(name) is None
+        assert ui_values.infotext_key(name) is None
         assert name not in [key.field_name for _, key in built.infotext_fields]
     updates = paste_like_a1111(built, entries)
     assert len(updates) == len(POSITIONAL_FIELDS) - len(REFERENCE_FIELDS)
@@ -735,8 +742,8 @@ def test_paste_never_touches_the_reference_boxes(entries: dict[str, str]) -> Non
 def test_paste_value_leaves_references_alone() -> None:
     for params in (GUIDED, None):
         for name in REFERENCE_FIELDS:
-            assert ui.paste_value(params, name) is ui._NO_CHANGE
-            assert ui.ui_value(GUIDED, name) is None  # a box shows files, never base64 text
+            assert ui_paste.paste_value(params, name) is ui_paste._NO_CHANGE
+            assert ui_values.ui_value(GUIDED, name) is None  # a box shows files, never base64 text
 
 
 @pytest.mark.parametrize("defaults", [CUSTOM, GUIDED])
@@ -794,7 +801,7 @@ def test_paste_field_names_send_every_field_to_the_other_tab() -> None:
 
 def upload_payload(paths: list[Path]) -> list[dict[str, Any]]:
     """What the browser sends for a multiple-file box after uploading `paths`, in each gradio's format."""
-    if ui.GRADIO_MAJOR >= 4:
+    if ui_values.GRADIO_MAJOR >= 4:
         return [
             {
                 "path": str(p),
@@ -867,7 +874,7 @@ def test_an_upload_that_is_not_an_image_names_the_field() -> None:
     _, built = build()
     values = values_of(built)
     values[POSITIONAL_FIELDS.index("subject_refs")] = [SUBJECT_PNG, b"%PDF-1.4 not an image"]
-    with pytest.raises(ui.ParamsError) as info:
+    with pytest.raises(ParamsError) as info:
         KLoraParams.from_any(values)
     assert info.value.fields == ("subject_refs",)
     assert "image 2" in str(info.value)
@@ -914,5 +921,5 @@ def test_javascript_parses() -> None:
 
 
 def test_the_empty_lora_choice_is_labelled_on_gradio_4() -> None:
-    first = ui.lora_choices(["a"])[0]
-    assert first == ((ui.NO_LORA_LABEL, "") if ui.GRADIO_MAJOR >= 4 else "")
+    first = ui_events.lora_choices(["a"])[0]
+    assert first == ((ui_events.NO_LORA_LABEL, "") if ui_values.GRADIO_MAJOR >= 4 else "")
