@@ -32,6 +32,7 @@ try:  # pydantic 2 ships the v1 API as pydantic.v1; A1111 has pydantic 1.10 itse
 except ImportError:  # pragma: no cover - depends on the installed pydantic
     from pydantic import BaseModel, Extra, StrictBool, StrictStr, ValidationError, conint  # type: ignore
 
+from lib_klora.fusion.options import MAX_STEPS
 from lib_klora.params.model import KLoraParams
 from lib_klora.params.prompt_tag import (
     HIRES_PAIR_RULE,
@@ -54,7 +55,7 @@ DEFAULT_SCRIPT_TITLE = "K-LoRA"
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 PROMPT_FIELDS = ("prompt", "hr_prompt")  # the host parses extra-network tags in these (not the negatives)
 ROUTE_PREFIX = "/klora/v1"
-MAX_PLAN_STEPS = 1000
+MAX_PLAN_STEPS = MAX_STEPS
 
 
 class RequestRejected(ValueError):
