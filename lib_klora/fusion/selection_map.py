@@ -5,8 +5,9 @@ Rows are layers, columns are sampling steps, and each cell takes the colour of t
 Sizing rules (all within ``max_size``):
 
 * cells are whole pixels, at most ``MAX_CELL_W`` x ``MAX_CELL_H``, and as large as the space allows;
-* layer names label the rows when a row is at least ``MIN_NAME_ROW_H`` px (and tall enough for the font),
-  shortened from the left with "..." to a bounded margin; otherwise index ticks label the rows;
+* rows are labelled with short names (``down 1.0 attn2 to_k``, see fusion/layer_labels.py) when a row is at
+  least ``MIN_NAME_ROW_H`` px (and tall enough for the font), shortened from the left with "..." to a
+  bounded margin; otherwise index ticks label the rows. A line separates consecutive blocks;
 * when there are more layers (or steps) than pixel rows (or columns), each pixel row (column) shows the
   average colour of the layers (steps) it covers, and a caption below the plot says so. Uniform regions thus
   keep their exact palette colour and mixed regions show a proportional blend: nothing is hidden or invented.
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from lib_klora.fusion.layer_labels import layer_groups_and_labels
 
 RGB = tuple[int, int, int]
 
@@ -45,6 +48,7 @@ MAX_LABELS = len(PALETTE)
 BACKGROUND: RGB = (255, 255, 255)
 INK: RGB = (0, 0, 0)
 FRAME: RGB = (64, 64, 64)
+SEPARATOR: RGB = (255, 255, 255)  # between blocks: a gap in the grid reads as a break, not as a choice
 
 MAX_CELL_W = 32
 MAX_CELL_H = 24
@@ -73,7 +77,8 @@ def render_selection_map(
     grid = _validate(layer_names, choices, labels, max_size)
     n_layers, n_steps = len(grid), len(grid[0])
     font = _font()
-    names = [_safe_text(str(n)) for n in layer_names]
+    groups, short_names = layer_groups_and_labels([str(n) for n in layer_names])
+    names = [_safe_text(n) for n in short_names]
     label_texts = [_safe_text(str(label)) for label in labels]
 
     legend = _legend_lines(grid, label_texts, font)
@@ -85,6 +90,7 @@ def render_selection_map(
     draw.rectangle(
         (lay.grid_x - 1, lay.grid_y - 1, lay.grid_x + lay.grid_w, lay.grid_y + lay.grid_h), outline=FRAME
     )
+    _draw_block_separators(draw, lay, groups)
     _draw_x_axis(draw, lay, n_steps, font)
     _draw_y_axis(img, draw, lay, n_layers, names, font)
     _draw_legend(draw, lay, legend, font)
@@ -443,6 +449,17 @@ def _draw_y_axis(
     ty = lay.grid_y + (lay.grid_h - turned.height) // 2
     ty = min(max(0, ty), lay.height - turned.height)
     img.paste(Image.new("RGB", turned.size, INK), (PAD - font.top, ty), turned)
+
+
+def _draw_block_separators(draw: ImageDraw.ImageDraw, lay: _Layout, groups: list[str]) -> None:
+    """A 1-px line between rows of different blocks, where rows are tall enough to spare it."""
+    pitch = lay.grid_h / len(groups)
+    if pitch < 4:
+        return
+    for row in range(1, len(groups)):
+        if groups[row] != groups[row - 1]:
+            y = lay.grid_y + int(row * pitch)
+            draw.line((lay.grid_x, y, lay.grid_x + lay.grid_w - 1, y), fill=SEPARATOR)
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, lay: _Layout, legend: _Legend, font: _Font) -> None:
