@@ -153,7 +153,10 @@ class StructuredModule:
                     w2 = _tucker(core, w["lokr_w2_b"], w["lokr_w2_a"])
                 else:
                     w2 = w["lokr_w2_a"] @ w["lokr_w2_b"].reshape(w["lokr_w2_b"].shape[0], -1)
-            delta = torch.kron(w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1))
+            # contiguous: torch.kron views its inputs and fails on a Tucker rebuild's strided result
+            delta = torch.kron(
+                w1.reshape(w1.shape[0], -1).contiguous(), w2.reshape(w2.shape[0], -1).contiguous()
+            )
         else:
             delta = w["diff"].reshape(self.out_features, -1)
         return delta * self.scale if self.scale != 1.0 else delta

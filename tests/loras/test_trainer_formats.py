@@ -217,6 +217,8 @@ ALGOS = {
     "loha-tucker": {"algo": "loha", "use_tucker": True},
     "lokr": {"factor": 4},
     "lokr-full": {"algo": "lokr", "factor": 4, "full_matrix": True},
+    "lokr-both": {"algo": "lokr", "factor": 16, "decompose_both": True},  # lokr_w1_a / lokr_w1_b
+    "lokr-tucker": {"algo": "lokr", "factor": 4, "use_tucker": True},  # lokr_t2 on 3x3 convolutions
     "locon-tucker": {"algo": "locon", "use_tucker": True},
     "full": {},
     "dora": {"algo": "lora", "dora_wd": True},
@@ -282,6 +284,9 @@ def _expected_rank(variant: str, module, out_f: int, in_f: int) -> int:
 @pytest.mark.parametrize("variant", list(ALGOS))
 def test_lycoris_delta_and_rank_bound(lycoris_files, variant: str) -> None:
     path, truth, modules = lycoris_files[variant][0]
+    keys = set(load_file(str(path)))
+    wanted = {"lokr-both": ".lokr_w1_a", "lokr-tucker": ".lokr_t2", "loha-tucker": ".hada_t1"}.get(variant)
+    assert wanted is None or any(k.endswith(wanted) for k in keys), variant
     lora = read_lora_file(path)
     assert set(lora.modules) == set(truth)
     expected_type = LowRankModule if variant in ("locon-tucker", "dora") else StructuredModule
