@@ -76,7 +76,7 @@ def _layers(seed: int, kinds: dict[str, str]) -> dict[str, torch.Tensor]:
 
 SUBJECT_KINDS = {"a": "loha", "b": "lokr", "d": "full", "e": "dora"}
 STYLE_KINDS = {"a": "lokr", "b": "loha", "d": "lora", "e": "loha"}
-FORGE_ONLY = {"a": "lokr-factored", "b": "full", "c": "lora", "e": "dora"}  # A1111's fake has no DoRA
+FORGE_ONLY = {"a": "lokr-factored", "b": "full", "c": "lora", "e": "dora"}
 
 
 def _write(tmp_path: Path, kinds: tuple[dict[str, str], dict[str, str]]) -> list[Path]:
@@ -152,8 +152,8 @@ def test_forge_k_is_the_product_of_rank_bounds(tmp_path: Path) -> None:
 
 def test_a1111_scores_structured_layers_as_the_file_reader(tmp_path: Path) -> None:
     kinds = (
-        {"a": "loha", "b": "lokr", "c": "full", "d": "full"},
-        {"a": "lokr", "b": "loha", "c": "lora", "d": "lora"},
+        {"a": "loha", "b": "lokr", "c": "full", "d": "full", "e": "dora"},  # DoRA: scored by its factors
+        {"a": "lokr", "b": "loha", "c": "lora", "d": "lora", "e": "loha"},
     )
     files = _write(tmp_path, kinds)
     reader = load_score_table(files, device="cpu", cache=ScoreCache())
