@@ -172,3 +172,25 @@ def test_a1111_scores_structured_layers_as_the_file_reader(tmp_path: Path) -> No
         )
         _assert_agree(reader, job.table)
     assert "network" not in sys.modules or not hasattr(sys.modules["network"], "_klora_slot_class")
+
+
+def test_describe_reads_forge_tuples_and_reforge_adapters_alike() -> None:
+    """reForge keeps ComfyUI's weight orders in adapter objects (`.name`, `.weights`), Forge in tuples."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    w1, w2_a, w2_b = _randn(g, 4, 2), _randn(g, 4, 2), _randn(g, 2, 4)
+    lokr = (w1, None, 2.0, None, None, w2_a, w2_b, None, None)
+    loha = (_randn(g, 16, 2), _randn(g, 2, 8), 1.0, _randn(g, 16, 3), _randn(g, 3, 8), None, None, None)
+    up, down, magnitude = _randn(g, 16, 3), _randn(g, 3, 8), _randn(g, 16, 1)
+    for kind, weights, expected_rank in (("lokr", lokr, 4), ("loha", loha, 6)):
+        for value in ((kind, weights), SimpleNamespace(name=kind, weights=weights)):
+            assert describe_patch(value, (16, 8)) == (None, expected_rank)
+    assert describe_patch(("diff", (_randn(g, 16, 8),)), (16, 8)) == (None, 8)
+    for value in (
+        ("lora", (up, down, 1.5, None, magnitude)),
+        SimpleNamespace(name="lora", weights=(up, down, 1.5, None, magnitude, None)),
+    ):
+        scored, rank = describe_patch(value, (16, 8))
+        assert rank is None and scored is not None and scored.rank == 3 and scored.scale == pytest.approx(0.5)
+    assert describe_patch(("set", (_randn(g, 16, 8),)), (16, 8)) == (None, None)
