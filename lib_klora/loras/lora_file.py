@@ -119,7 +119,7 @@ class SlicedModule:
 
     @property
     def rank(self) -> int:
-        return min(sum(m.rank for _, m in self.slices), self.out_features, self.in_features)
+        return sum(m.rank for _, m in self.slices)  # K is capped at the layer's size where it is used
 
     @property
     def numel(self) -> int:
