@@ -194,3 +194,68 @@ def test_describe_reads_forge_tuples_and_reforge_adapters_alike() -> None:
         scored, rank = describe_patch(value, (16, 8))
         assert rank is None and scored is not None and scored.rank == 3 and scored.scale == pytest.approx(0.5)
     assert describe_patch(("set", (_randn(g, 16, 8),)), (16, 8)) == (None, None)
+
+
+def test_flux_split_layers_score_as_forge_slices_them(tmp_path: Path) -> None:
+    """A diffusers FLUX file: the reader gathers to_q/to_k/to_v (and proj_mlp) onto the fused BFL layer;
+    Forge's key map patches row slices of that layer. Same K, same scores."""
+    from safetensors.torch import load_file
+
+    hidden, rank = 8, 2
+    slices = {
+        "transformer.transformer_blocks.0.attn.to_q": ("double_blocks.0.img_attn.qkv", 0, hidden),
+        "transformer.transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv", hidden, hidden),
+        "transformer.transformer_blocks.0.attn.to_v": ("double_blocks.0.img_attn.qkv", 2 * hidden, hidden),
+        "transformer.single_transformer_blocks.0.attn.to_q": ("single_blocks.0.linear1", 0, hidden),
+        "transformer.single_transformer_blocks.0.attn.to_v": ("single_blocks.0.linear1", 2 * hidden, hidden),
+        "transformer.single_transformer_blocks.0.proj_mlp": (
+            "single_blocks.0.linear1",
+            3 * hidden,
+            4 * hidden,
+        ),
+    }
+    files = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for key, (_, _, size) in slices.items():
+            tensors[f"{key}.lora_A.weight"] = _randn(g, rank + seed - 1, hidden)
+            tensors[f"{key}.lora_B.weight"] = _randn(g, size, rank + seed - 1)
+        files.append(tmp_path / f"flux-{seed}.safetensors")
+        save_file(tensors, str(files[-1]))
+    reader = load_score_table(files, device="cpu", cache=ScoreCache())
+
+    flux = nn.Module()
+    flux.double_blocks = nn.ModuleList([nn.Module()])
+    flux.double_blocks[0].img_attn = nn.Module()
+    flux.double_blocks[0].img_attn.qkv = nn.Linear(hidden, 3 * hidden)
+    flux.single_blocks = nn.ModuleList([nn.Module()])
+    flux.single_blocks[0].linear1 = nn.Linear(hidden, 7 * hidden)
+    fused = {
+        key: (f"diffusion_model.{layer}.weight", (0, start, size))
+        for key, (layer, start, size) in slices.items()
+    }
+    model = HostModel(flux, fused)
+
+    def find(name: str) -> nn.Module | None:
+        try:
+            return get_attr(model, name)
+        except AttributeError:
+            return None
+
+    deltas = []
+    for file in files:
+        patches, _ = forge_load_lora(load_file(str(file)), model_lora_keys_unet(model))
+        found, skipped = module_deltas(patches, find, decode, lambda *a: None, describe=describe_patch)
+        assert not skipped and all(len(d.parts) in (2, 3) for d in found.values())
+        deltas.append(found)
+    host = compute_scores([score_sources(d) for d in deltas], device="cpu")
+    ours = {layer.canonical.removeprefix("unet:"): layer for layer in reader.layers}
+    theirs = {
+        layer.canonical.removeprefix("diffusion_model.").replace(".", "_"): layer for layer in host.layers
+    }
+    assert set(ours) == set(theirs) == {"double_blocks_0_img_attn_qkv", "single_blocks_0_linear1"}
+    for name, layer in ours.items():
+        assert (layer.ranks, layer.k) == (theirs[name].ranks, theirs[name].k), name
+        assert layer.scores == pytest.approx(theirs[name].scores, rel=1e-5), name
+    assert ours["single_blocks_0_linear1"].ranks == (6, 9)  # three slices of rank 2, and of rank 3
