@@ -2,7 +2,8 @@
 
 The built-in Lora stays the only writer of layer weights: two slot networks (subject, style) sit in
 `networks.loaded_networks`; their `.modules.get()` answers with the currently chosen LoRA module, and a
-layer whose choice flips is marked dirty so Lora re-merges exactly that layer from its own backup.
+layer whose choice flips is marked dirty so Lora re-merges exactly that layer from its own backup. Merges
+stay between jobs as Lora's own do (see `kept_merges`): a repeated job re-merges only what it changes.
 This module touches only the Lora extension's modules (found by identity in sys.modules) and plain
 attributes of the processing object; the WebUI's `modules` are imported by `a1111.py`, not here.
 """
@@ -22,6 +23,13 @@ from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch
 from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
 from lib_klora.dynamic.selectors import DynamicSelector
 from lib_klora.engines.job import FusionJob, JobError, on_sampling_failure, resolve_lora
+from lib_klora.engines.kept_merges import (
+    kept_layers,
+    mark_dirty,
+    merged_state,
+    record_merge,
+    restore_layers,
+)
 from lib_klora.engines.tracking import LayerSelection, PassRecord
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.options import Method
@@ -31,7 +39,6 @@ from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
 UNET_PREFIX = "diffusion_model_"
-DIRTY = ("klora-dirty",)
 
 
 def lora_extension() -> Any:
@@ -138,9 +145,15 @@ def _slot_class(network_module: Any) -> type:
             try:
                 job = self.job
                 layer = job.owner.get(key)
-                if layer is None or not job.selection.enabled(self.which, layer):
+                if layer is None:
                     return default
-                return job.nets[self.which].modules.get(key, default)
+                found = None
+                if job.selection.enabled(self.which, layer):
+                    found = job.nets[self.which].modules.get(key)
+                module = job.unet_touched.get(layer)
+                if module is not None:  # Lora asks while merging (or, functional, per forward)
+                    record_merge(module, self.which, found is not None)
+                return default if found is None else found
             except Exception:  # see class docstring
                 return default
 
@@ -193,6 +206,7 @@ class Job(FusionJob):
     slots: list[Any] = field(default_factory=list)
     schedule: StepSchedule | None = None
     unet_touched: dict[str, torch.nn.Module] = field(default_factory=dict)  # UNet layers either LoRA adapts
+    adapts: dict[str, tuple[bool, bool]] = field(default_factory=dict)  # per unet_touched: subject, style
     dynamic: DynamicState | None = None
     sigma: Any = None  # the current evaluation's sigma (guidance scales its nudge by it)
 
@@ -273,6 +287,7 @@ def build_job(
         selection=selection,
         unet_touched={n: mapping[n] for n in touched if n in mapping and n.startswith(UNET_PREFIX)},
     )
+    job.adapts = {name: (name in loaded[0].modules, name in loaded[1].modules) for name in job.unet_touched}
     if any(p is not None and p.fusion_method is Method.DYNAMIC for p in (first_params, hires_params)):
         job.dynamic = build_dynamic(job, params)
     return job
@@ -329,8 +344,9 @@ def build_dynamic(job: Job, params: KLoraParams) -> DynamicState:
     return state
 
 
-def signature(params: KLoraParams) -> str:
-    """Constant for a pass; part of the slots' names, which Lora compares to decide re-merges.
+def signature(params: KLoraParams, mtimes: Sequence[float | None] = ()) -> str:
+    """Constant for a pass; part of the slots' names, which Lora compares to decide re-merges (so also the
+    files' mtimes: a LoRA saved again under its name must not pass for the merged one).
     JSON, so no LoRA name can make two different settings collide."""
     fields = (
         "subject",
@@ -345,7 +361,7 @@ def signature(params: KLoraParams) -> str:
         "te_policy",
         "seed",
     )
-    return json.dumps([getattr(params, name) for name in fields], separators=(",", ":"))
+    return json.dumps([*(getattr(params, name) for name in fields), *mtimes], separators=(",", ":"))
 
 
 def remove_slots(nets: Any) -> None:
@@ -361,7 +377,7 @@ def inject_slots(nets: Any, job: Job, is_hires: bool) -> bool:
     if job.failed or params is None:
         return False
     slot_class = _slot_class(sys.modules["network"])
-    sig = signature(params)
+    sig = signature(params, [net.mtime for net in job.nets])
     job.selection.te_policy = params.te_policy
     job.slots = [
         slot_class(job, 0, sig, params.subject_strength),
@@ -370,13 +386,28 @@ def inject_slots(nets: Any, job: Job, is_hires: bool) -> bool:
     for net, strength in zip(job.nets, (params.subject_strength, params.style_strength), strict=True):
         net.te_multiplier = net.unet_multiplier = strength
     nets.loaded_networks.extend(job.slots)
+    kept_layers.add(job.touched_modules)  # from now on Lora may merge them: restore them when released
     return True
 
 
-def mark_dirty(module: torch.nn.Module) -> None:
-    # Only layers Lora holds a pristine backup for: marking a never-merged layer would make Lora raise.
-    if getattr(module, "network_weights_backup", None) is not None:
-        module.network_current_names = DIRTY
+def wanted_merge(job: Job, layer: str) -> tuple[bool, bool]:
+    """(subject, style) merged into denoiser `layer` for the selection as it is now."""
+    adapts = job.adapts.get(layer, (False, False))
+    return (
+        adapts[0] and job.selection.enabled(0, layer),
+        adapts[1] and job.selection.enabled(1, layer),
+    )
+
+
+def sync_merged_layers(job: Job) -> list[str]:
+    """Start of a pass: mark for a re-merge only the denoiser layers whose merged choice (recorded at Lora's
+    last merge) differs from what this step needs. A layer merged under other network names (another
+    fusion, user LoRAs changed, restored) is re-merged by Lora anyway."""
+    return [
+        name
+        for name, module in job.unet_touched.items()
+        if merged_state(module) != wanted_merge(job, name) and mark_dirty(module)
+    ]
 
 
 def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> None:
@@ -404,45 +435,33 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
         if not any(record.label == label for record in job.passes):
             selector = job.dynamic.selector if dynamic and job.dynamic is not None else None
             job.passes.append(PassRecord(label, params, job.schedule, selector))
-        # A new pass re-merges every UNet layer either LoRA adapts: a previous job or pass may have left
-        # another choice merged, and a pass of the other kind (hooks vs merges) leaves the opposite state.
-        for module in job.unet_touched.values():
-            mark_dirty(module)
     if dynamic:
         assert job.dynamic is not None
         job.dynamic.selector.set_step(job.tracker.step)
-        return
-    assert job.schedule is not None
-    changed = job.selection.apply(job.schedule.at(job.tracker.step).tolist())
-    for i in changed:
-        mark_dirty(job.layer_modules[i])
+    else:
+        assert job.schedule is not None
+        changed = job.selection.apply(job.schedule.at(job.tracker.step).tolist())
+        if not new_pass:
+            for i in changed:
+                mark_dirty(job.layer_modules[i])
+    if new_pass:
+        # A previous job or pass may have left another choice merged; a pass of the other kind (hooks vs
+        # merges) the opposite state. Layers already right stay as they are.
+        sync_merged_layers(job)
 
 
-def restore_layers(nets: Any, modules: Sequence[torch.nn.Module]) -> int:
-    """Put back the pristine weights of every layer a job touched, from Lora's own backups."""
-    restored = 0
-    with torch.no_grad():  # weights are leaf parameters: an in-place copy under autograd would raise
-        restored = _restore(nets, modules)
-    return restored
-
-
-def _restore(nets: Any, modules: Sequence[torch.nn.Module]) -> int:
-    restored = 0
-    for module in modules:
-        if getattr(module, "network_current_names", ()) != ():
-            if getattr(module, "network_weights_backup", None) is not None:
-                nets.network_restore_weights_from_backup(module)
-            module.network_current_names = ()
-            restored += 1
-    return restored
-
-
-def teardown(nets: Any, job: Job) -> int:
-    """End of a job (normal, interrupted or failed): hooks off, slots out, every touched weight restored."""
+def finish(nets: Any, job: Job) -> None:
+    """Normal end of a job: hooks off, slots out; merged layers stay for an identical next job (Lora
+    restores them when the wanted networks change; `kept_layers.release` at once)."""
     job.selection.live = False
     if job.dynamic is not None:
         job.dynamic.remove()
     remove_slots(nets)
+
+
+def teardown(nets: Any, job: Job) -> int:
+    """End of an interrupted or failing job: hooks off, slots out, every touched weight restored now."""
+    finish(nets, job)
     return restore_layers(nets, job.touched_modules)
 
 

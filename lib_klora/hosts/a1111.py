@@ -15,6 +15,7 @@ import torch
 from modules import script_callbacks, shared
 
 from lib_klora.engines import slots as engine
+from lib_klora.engines.kept_merges import kept_layers
 from lib_klora.errors import KLoraError
 from lib_klora.hosts import guidance_glue, job_start, webui
 from lib_klora.params.model import KLoraParams
@@ -49,6 +50,9 @@ class KLoraScript(webui.KLoraScriptBase):
 
         job = job_start.begin_job(p, args, build, check_loras=webui.check_lora_pair)
         if job is None:
+            # This job wants no K-LoRA weights: restore the layers an earlier job left merged now (Lora
+            # would do it lazily, but not in functional mode without networks: pitfall P4).
+            kept_layers.release(engine.lora_extension())
             return
         nets = engine.lora_extension()
         pair = job.params or job.hires_params
@@ -77,7 +81,11 @@ class KLoraScript(webui.KLoraScriptBase):
         job = getattr(p, "_klora", None)
         if job is None:
             return
-        engine.teardown(engine.lora_extension(), job)
+        nets = engine.lora_extension()
+        if job.failed or shared.state.interrupted:
+            engine.teardown(nets, job)  # restore now: the merged state may be part-way through a pass
+        else:
+            engine.finish(nets, job)  # merges stay: an identical next job re-merges only what it changes
         guidance_glue.end_guidance(job)
         p._klora = None
         if not job.failed:
@@ -163,14 +171,23 @@ def fail_job(p: Any, job: engine.Job, exc: BaseException) -> None:
 
 
 def on_model_loaded(_model: Any) -> None:
+    # Another model (or the same one reloaded): merges kept on the previous one go back at once. A model
+    # loaded in place has already had its Lora backups reset, so nothing is written over its new weights.
+    kept_layers.release(engine.lora_extension())
     network_cache.clear()
     guidance_glue.taesd_decoders.clear()  # SD1 and SDXL latents need different decoders
+
+
+def on_script_unloaded() -> None:
+    """The extension is being disabled or reloaded: no layer may keep a K-LoRA merge."""
+    kept_layers.release(engine.lora_extension())
 
 
 def register_callbacks() -> None:
     script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
     script_callbacks.on_cfg_after_cfg(on_cfg_after_cfg)
     script_callbacks.on_model_loaded(on_model_loaded)
+    script_callbacks.on_script_unloaded(on_script_unloaded)
     script_callbacks.on_ui_settings(webui.on_ui_settings)
     script_callbacks.on_before_ui(webui.on_before_ui)
     script_callbacks.on_app_started(webui.make_app_started())

@@ -9,210 +9,58 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lib_klora.dynamic.kl import kl_divergences
 from lib_klora.engines import slots as engine
+from lib_klora.engines.kept_merges import DIRTY, restore_layers
 from lib_klora.engines.slots import (
-    DIRTY,
     HostDelta,
-    Job,
     JobError,
     NetworkCache,
-    build_job,
     guard_sample,
     inject_slots,
     on_step,
-    restore_layers,
     teardown,
 )
-from lib_klora.fusion.cache import ScoreCache
-from lib_klora.fusion.plan import StepSchedule
-from lib_klora.params.model import KLoraParams
-from tests.hosts.fake_lora_extension import (
-    TE_LAYER,
-    TE_PATH,
-    FakeNetworks,
-    TinyModel,
-    installed,
-    write_kohya_lora,
+from tests.engines.slots_fixtures import (
+    ALL_LAYERS,
+    BOTH,
+    MANAGED,
+    STEPS,
+    STYLE,
+    STYLE_LAYERS,
+    STYLE_STRENGTH,
+    SUBJECT,
+    SUBJECT_LAYERS,
+    SUBJECT_STRENGTH,
+    USER_LAYERS,
+    USER_STRENGTH,
+    A,
+    B,
+    C,
+    D,
+    E,
+    FakeDenoiser,
+    Host,
+    assert_pristine,
+    dense_delta,
+    expected_choices,
+    expected_weight,
+    make_host,
+    slot_deltas,
+    slots_in,
 )
-
-
-def unet(name: str) -> str:
-    return f"diffusion_model_{name}"
-
-
-A, B, C, D, E = (unet(n) for n in "abcde")
-MANAGED = [A, B, C]  # adapted by both LoRAs, in the score table's (natural) order
-ALL_LAYERS = [A, B, C, D, E, TE_LAYER]
-# Subject gains differ per layer so the layers hand over to the style at different steps.
-SUBJECT_LAYERS = {A: 1.6, B: 1.0, C: 0.6, D: 1.0, TE_LAYER: 1.0}  # D: subject only
-STYLE_LAYERS = {A: 1.0, B: 1.0, C: 1.0, E: 1.0, TE_LAYER: 1.0}  # E: style only
-USER_LAYERS = {A: 1.0, C: 1.0}
-SUBJECT_STRENGTH, STYLE_STRENGTH, USER_STRENGTH = 0.8, 0.6, 0.5
-STEPS = 10
-SUBJECT, STYLE, BOTH = 0, 1, 2
-
-
-@dataclass
-class FakeDenoiser:
-    """What `on_cfg_denoiser` hands over: A1111's CFGDenoiser counts evaluations in `step`."""
-
-    total_steps: int
-    step: int = 0
-
-
-@dataclass
-class Evaluation:
-    step: int
-    output: torch.Tensor
-    merges: list[tuple[str, str]]  # (layer, network) pairs Lora merged during this evaluation's forward
-    weights: dict[str, torch.Tensor]
-
-
-@dataclass
-class Host:
-    nets: FakeNetworks
-    model: TinyModel
-    lora_dir: Path
-    scores: ScoreCache = field(default_factory=ScoreCache)
-    cache: NetworkCache = field(default_factory=NetworkCache)
-    pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
-    inputs: tuple[torch.Tensor, torch.Tensor] = field(init=False)
-    base_output: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        for name in ALL_LAYERS:
-            layer = self.model.layer(name)
-            bias = None if layer.bias is None else layer.bias.detach().clone()
-            self.pristine[name] = (layer.weight.detach().clone(), bias)
-        generator = torch.Generator().manual_seed(7)
-        self.inputs = (torch.randn(3, 8, generator=generator), torch.randn(3, 8, generator=generator))
-        with torch.no_grad():
-            self.base_output = self.model(*self.inputs)
-
-    def params(self, **overrides: Any) -> KLoraParams:
-        values: dict[str, Any] = {
-            "enabled": True,
-            "subject": "subject",
-            "style": "style",
-            "subject_strength": SUBJECT_STRENGTH,
-            "style_strength": STYLE_STRENGTH,
-        }
-        return KLoraParams(**(values | overrides))
-
-    def job(self, first: KLoraParams | None, hires: KLoraParams | None = None) -> Job:
-        return build_job(
-            self.nets,
-            self.cache,
-            self.scores,
-            self.model,
-            first,
-            hires,
-            device="cpu",
-            digest=lambda path: self.scores.digests.digest(Path(path)),
-        )
-
-    def forward(self) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(*self.inputs)
-
-    def weight(self, name: str) -> torch.Tensor:
-        return self.model.layer(name).weight.detach().clone()
-
-    def sample(
-        self,
-        job: Job,
-        evaluations: int,
-        *,
-        is_hires: bool = False,
-        evals_per_step: int = 1,
-        stop_after: int | None = None,
-        denoiser: FakeDenoiser | None = None,
-    ) -> list[Evaluation]:
-        """Drive one sampler pass: per evaluation, the cfg-denoiser callback, then one UNet forward."""
-        denoiser = denoiser or FakeDenoiser(total_steps=evaluations)
-        records = []
-        for i in range(evaluations if stop_after is None else stop_after):
-            denoiser.step = i
-            self.nets.calc_updown_calls.clear()
-            on_step(job, denoiser, is_hires, evals_per_step)
-            output = self.forward()
-            weights = {name: self.weight(name) for name in ALL_LAYERS}
-            records.append(Evaluation(i, output, list(self.nets.calc_updown_calls), weights))
-        return records
+from tests.hosts.fake_lora_extension import TE_LAYER, TinyModel, write_kohya_lora
 
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[Host]:
-    model = TinyModel(seed=3)
-    lora_dir = tmp_path / "Lora"
-    write_kohya_lora(lora_dir / "subject.safetensors", model, SUBJECT_LAYERS, rank=4, alpha=2.0, seed=1)
-    write_kohya_lora(lora_dir / "style.safetensors", model, STYLE_LAYERS, rank=2, alpha=2.0, seed=2)
-    write_kohya_lora(lora_dir / "user.safetensors", model, USER_LAYERS, rank=3, alpha=3.0, seed=3)
-    before = {name: sys.modules.get(name) for name in ("networks", "network")}
-    with installed(model, lora_dir) as nets:
-        network_module = sys.modules["network"]
-        yield Host(nets, model, lora_dir)
-    assert {name: sys.modules.get(name) for name in before} == before  # the fakes are gone again
-    assert not hasattr(network_module, "_klora_slot_class")
-
-
-# ---------------------------------------------------------------- independent references
-
-
-def _stem(layer: str) -> str:
-    if layer.startswith("diffusion_model_"):
-        return "lora_unet_" + layer[len("diffusion_model_") :]
-    return "lora_te_" + TE_PATH.replace(".", "_")
-
-
-def dense_delta(host: Host, lora: str, layer: str, strength: float) -> torch.Tensor:
-    """ΔW of `layer` in file `lora`, in the host's arithmetic order (reshape, · alpha/rank, · strength)."""
-    tensors = load_file(str(host.lora_dir / f"{lora}.safetensors"))
-    stem = _stem(layer)
-    up, down = tensors[f"{stem}.lora_up.weight"], tensors[f"{stem}.lora_down.weight"]
-    alpha, rank = tensors[f"{stem}.alpha"].item(), down.shape[0]
-    shape = host.pristine[layer][0].shape
-    product = (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)).reshape(shape)
-    return product * (alpha / rank) * strength
-
-
-def expected_weight(host: Host, layer: str, applied: list[tuple[str, float]]) -> torch.Tensor:
-    """Pristine weight plus each (lora, strength) delta, added one after the other as Lora merges them."""
-    weight = host.pristine[layer][0].clone()
-    for lora, strength in applied:
-        weight = weight + dense_delta(host, lora, layer, strength)
-    return weight
-
-
-def slot_deltas(choice: int) -> list[tuple[str, float]]:
-    subject, style = ("subject", SUBJECT_STRENGTH), ("style", STYLE_STRENGTH)
-    return {SUBJECT: [subject], STYLE: [style], BOTH: [subject, style]}[choice]
-
-
-def expected_choices(job: Job, steps: int) -> StepSchedule:
-    assert job.params is not None
-    return job.plan_for(job.params).schedule(steps)
-
-
-def assert_pristine(host: Host) -> None:
-    for name in ALL_LAYERS:
-        layer = host.model.layer(name)
-        weight, bias = host.pristine[name]
-        assert torch.equal(layer.weight, weight), name
-        assert bias is None or torch.equal(layer.bias, bias), name
-
-
-def slots_in(nets: FakeNetworks) -> list[Any]:
-    return [net for net in nets.loaded_networks if net.name.startswith("klora:")]
+    yield from make_host(tmp_path)
 
 
 # ---------------------------------------------------------------- 1. exact weights
@@ -288,28 +136,7 @@ def test_only_flipped_layers_remerge(host: Host) -> None:
         assert records[step].merges == []
 
 
-# ---------------------------------------------------------------- 3. back-to-back jobs (P2)
-
-
-@pytest.mark.parametrize("teardown_between", [True, False], ids=["teardown", "postprocess-skipped"])
-def test_second_job_remerges_every_managed_layer_at_step0(host: Host, teardown_between: bool) -> None:
-    first = host.job(host.params())
-    inject_slots(host.nets, first, is_hires=False)
-    host.sample(first, STEPS)
-    assert STYLE in first.selection.current  # the first job ends on another choice than step 0's
-    if teardown_between:
-        teardown(host.nets, first)
-    second = host.job(host.params())
-    assert second.nets == first.nets  # same private networks, same slot names: wanted_names unchanged
-    inject_slots(host.nets, second, is_hires=False)
-    records = host.sample(second, STEPS, stop_after=1)
-    merged = {layer for layer, _ in records[0].merges}
-    assert set(MANAGED) <= merged
-    if not teardown_between:
-        assert merged == {*MANAGED, D, E}  # only the step-0 dirty marking (every touched UNet layer)
-    for i, name in enumerate(MANAGED):
-        choice = expected_choices(second, STEPS).at(0).tolist()[i]
-        assert torch.equal(records[0].weights[name], expected_weight(host, name, slot_deltas(choice)))
+# ---------------------------------------------------------------- 3. back-to-back jobs: test_kept_merges.py
 
 
 # ---------------------------------------------------------------- 4. teardown
@@ -562,7 +389,15 @@ def test_a_new_denoiser_object_starts_a_new_pass_even_mid_count(host: Host) -> N
     assert job.tracker.pass_index == 1 and job.tracker.step == 5
     assert len(job.passes) == 1  # one record per pass label
     host.forward()
-    assert {layer for layer, _ in host.nets.calc_updown_calls} == {*MANAGED, D, E}  # new pass: all re-merged
+    schedule = expected_choices(job, STEPS)
+    differing = {
+        MANAGED[i] for i, (a, b) in enumerate(zip(schedule.at(9), schedule.at(5), strict=True)) if a != b
+    }
+    # New pass: exactly the layers whose merged choice (the last step's) is not step 5's.
+    assert {layer for layer, _ in host.nets.calc_updown_calls} == differing
+    for i, name in enumerate(MANAGED):
+        want = expected_weight(host, name, slot_deltas(int(schedule.at(5)[i])))
+        assert torch.equal(host.weight(name), want), name
 
 
 def test_hires_off_means_no_slots_in_the_hires_pass(host: Host) -> None:

@@ -8,7 +8,9 @@ v1.10.1 (tag v1.10.1, commit 82a973c), `extensions-builtin/Lora/`:
   counting), `network_restore_weights_from_backup` L391-408, `network_forward` L545-569 (functional mode,
   with its early return when no network is loaded), `network_reset_cached_weight` L572-575, `load_network`
   L158-270, `load_networks` L281-366 (reduced), `process_network_files` / `list_available_networks`
-  L650-688, and the registry globals L725-737.
+  L650-688, the registry globals L725-737, and `network_Linear_load_state_dict` /
+  `network_Conv2d_load_state_dict` among the patches of L578-635 (an in-place checkpoint load calls
+  `network_reset_cached_weight`).
 - `network.py`: `NetworkOnDisk` L24-88 (name, filename, alias only), `Network` L91-103, `NetworkModule`
   L106-227.
 - `network_lora.py`: `ModuleTypeLora` / `NetworkModuleLora` L9-92 (`lyco_helpers.rebuild_conventional`
@@ -590,8 +592,9 @@ def installed(model: TinyModel, lora_dir: Path) -> Iterator[FakeNetworks]:
     nets = FakeNetworks(model, lora_dir)
     network_module = FakeNetworkModule()
     sys.modules["networks"], sys.modules["network"] = nets, network_module
-    # lora_patches.LoraPatches: the extension replaces Linear/Conv2d forwards at class level.
-    originals = {cls: cls.forward for cls in (nn.Linear, nn.Conv2d)}
+    # lora_patches.LoraPatches: the extension replaces Linear/Conv2d forwards and state-dict loads at class
+    # level; loading a checkpoint into the model in place forgets the backups and the merged names.
+    originals = {cls: (cls.forward, cls._load_from_state_dict) for cls in (nn.Linear, nn.Conv2d)}
 
     def patch(original: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
         def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -599,13 +602,22 @@ def installed(model: TinyModel, lora_dir: Path) -> Iterator[FakeNetworks]:
 
         return forward
 
-    for cls, original in originals.items():
-        cls.forward = patch(original)  # type: ignore[method-assign]
+    def patch_load(original: Callable[..., Any]) -> Callable[..., Any]:
+        def load(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            nets.network_reset_cached_weight(module)
+            return original(module, *args, **kwargs)
+
+        return load
+
+    for cls, (forward, load) in originals.items():
+        cls.forward = patch(forward)  # type: ignore[method-assign]
+        cls._load_from_state_dict = patch_load(load)  # type: ignore[method-assign]
     try:
         yield nets
     finally:
-        for cls, original in originals.items():
-            cls.forward = original  # type: ignore[method-assign]
+        for cls, (forward, load) in originals.items():
+            cls.forward = forward  # type: ignore[method-assign]
+            cls._load_from_state_dict = load  # type: ignore[method-assign]
         # The engine caches its slot class on the `network` module; it must not outlive this host.
         if hasattr(network_module, "_klora_slot_class"):
             delattr(network_module, "_klora_slot_class")
