@@ -15,12 +15,16 @@ from lib_klora.engines.tracking import PassRecord, PassTracker
 from lib_klora.errors import KLoraError
 from lib_klora.fusion.plan import FusionPlan, PlanSettings
 from lib_klora.fusion.scores import ScoreTable
-from lib_klora.loras.lora_file import PICKLE_SUFFIXES
+from lib_klora.loras.safetensors_header import PICKLE_SUFFIXES, pickle_refusal
 from lib_klora.params.model import KLoraParams
 
 
 class JobError(KLoraError):
     """A K-LoRA job cannot run as configured (unknown LoRA, bad tag, unusable file, nothing in common)."""
+
+
+class PickleLoraError(JobError):
+    """The LoRA exists but is a pickle file, which K-LoRA never loads."""
 
 
 @dataclass(kw_only=True)
@@ -61,10 +65,7 @@ def resolve_lora(nets: Any, name: str) -> Any:
     if found is None:
         raise JobError(f"K-LoRA: LoRA '{name}' is not in the WebUI's LoRA list")
     if os.path.splitext(found.filename)[1].lower() in PICKLE_SUFFIXES:
-        raise JobError(
-            f"K-LoRA: LoRA '{name}' is a pickle file ({os.path.basename(found.filename)}); "
-            "K-LoRA only loads .safetensors"
-        )
+        raise PickleLoraError(f"K-LoRA: LoRA '{name}': {pickle_refusal(found.filename)}")
     return found
 
 

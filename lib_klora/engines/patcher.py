@@ -25,6 +25,8 @@ from lib_klora.engines.job import FusionJob, JobError, on_sampling_failure
 from lib_klora.engines.tracking import PassRecord
 from lib_klora.fusion.options import Method
 from lib_klora.fusion.scores import ScoreTable, compute_scores
+from lib_klora.loras.lora_file import LowRankModule
+from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
 PatchKey = str | tuple  # "x.weight", or (param key, (dim, start, size)[, function]) for part of a fused layer
@@ -49,6 +51,11 @@ class LowRankFactors:
 
 # The host adapter's view of one patch value: plain low-rank factors, or None (then `dense` is used).
 DecodePatch = Callable[[Any], LowRankFactors | None]
+# The host adapter's scoring view of a patch that is not plain factors, given the patched part's
+# shape: (the low-rank update to score a DoRA patch by, the rank bound used as K), each None where
+# unknown. Both follow the file reader (`loras/lora_file.py`, `loras/structured.py`), so a plan from the
+# file makes the host's choices.
+DescribePatch = Callable[[Any, tuple[int, ...]], tuple[LowRankFactors | None, int | None]]
 # The host's merge of a patch value into a copy of the given float weight, at strength 1 (LoHa, LoKr, DoRA,
 # mid cores ...); the delta is merged − weight. Raises for patches that are not a weight delta ("set").
 DensePatch = Callable[[Any, str, torch.Tensor], torch.Tensor]
@@ -60,6 +67,17 @@ class _Part:
     dense: torch.Tensor | None  # ΔW at strength 1 when there are no plain factors
     start: int
     size: int
+    scored: LowRankFactors | None = None  # what a DoRA patch is scored by (its low-rank update)
+    rank: int | None = None  # rank bound of a patch without plain factors (LoHa r1·r2, LoKr, full)
+
+    @property
+    def score_factors(self) -> LowRankFactors | None:
+        return self.factors if self.factors is not None else self.scored
+
+    @property
+    def score_rank(self) -> int | None:
+        factors = self.score_factors
+        return factors.rank if factors is not None else self.rank
 
 
 @dataclass
@@ -85,8 +103,11 @@ class ModuleDelta:
 
     @property
     def rank(self) -> int:
-        ranks = [p.factors.rank for p in self.parts if p.factors is not None]
-        return sum(ranks) if len(ranks) == len(self.parts) else min(self.out_features, self.in_size)
+        """K's factor for this layer: the sum of its parts' rank bounds; full rank when one is unknown."""
+        ranks = [p.score_rank for p in self.parts]
+        if all(r is not None for r in ranks):
+            return sum(r for r in ranks if r is not None)
+        return min(self.out_features, self.in_size)
 
     @property
     def stem(self) -> str:
@@ -98,16 +119,17 @@ class ModuleDelta:
 
     def factors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         part = self._whole()
-        assert part is not None and part.factors is not None
-        f = part.factors
+        assert part is not None and part.score_factors is not None
+        f = part.score_factors
         up = f.up.to(device=device, dtype=torch.float32).reshape(f.up.shape[0], -1) * f.scale
         return up, f.down.to(device=device, dtype=torch.float32).reshape(f.rank, -1)
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ΔW K-LoRA scores (a DoRA part by its low-rank update), at strength 1."""
         out = torch.zeros(self.out_features, self.in_size, device=device, dtype=torch.float32)
         for part in self.parts:
-            if part.factors is not None:
-                f = part.factors
+            if part.score_factors is not None:
+                f = part.score_factors
                 up = f.up.to(device=device, dtype=torch.float32).reshape(f.up.shape[0], -1)
                 piece = (up @ f.down.to(device=device, dtype=torch.float32).reshape(f.rank, -1)) * f.scale
             else:
@@ -118,7 +140,7 @@ class ModuleDelta:
 
     def has_factors(self) -> bool:
         part = self._whole()
-        return part is not None and part.factors is not None
+        return part is not None and part.score_factors is not None
 
     def branch(self, strength: float, dtype: torch.dtype) -> Branch:
         """The activation-side delta at `strength` (low-rank where possible), in the compute `dtype`."""
@@ -169,6 +191,41 @@ def score_sources(deltas: Mapping[str, ModuleDelta]) -> dict[str, ModuleDelta | 
     return {name: d if d.has_factors() else _DenseView(d) for name, d in deltas.items()}
 
 
+def _patch_parts(value: Any) -> tuple[str | None, tuple]:
+    """(type name, weights) of a patch: Forge's ("loha", (...)) tuples or reForge's weight adapters."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        return value[0], tuple(value[1])
+    name = getattr(value, "name", None)
+    if isinstance(name, str) and hasattr(value, "weights"):
+        return name, tuple(value.weights)
+    return None, ()
+
+
+def describe_patch(value: Any, part_shape: tuple[int, ...]) -> tuple[LowRankFactors | None, int | None]:
+    """`DescribePatch` for Forge's and reForge's patch values (both keep ComfyUI's weight orders):
+    ("lora", (up, down, alpha, mid, dora_scale[, reshape])), ("loha", (w1a, w1b, alpha, w2a, w2b, t1, t2,
+    dora)), ("lokr", (w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora)), ("diff", (weight,))."""
+    kind, w = _patch_parts(value)
+    out_features, in_size = int(part_shape[0]), int(torch.Size(part_shape[1:]).numel())
+    if kind == "lora" and len(w) >= 5 and w[4] is not None and (len(w) < 6 or w[5] is None):
+        up, down, alpha, mid = w[:4]
+        alpha = None if alpha is None else float(alpha)
+        if mid is None:
+            return LowRankFactors(up, down, alpha), None
+        folded = LowRankModule(canonical="", stem="", down=down, up=up, mid=mid, alpha=alpha)
+        up_scaled, down_folded = folded.factors(up.device)  # alpha/rank inside up, CP core inside down
+        return LowRankFactors(
+            up_scaled, down_folded.reshape(down_folded.shape[0], *part_shape[1:]), None
+        ), None
+    if kind == "loha" and len(w) >= 5:
+        return None, loha_rank(w[1], w[4], out_features, in_size)
+    if kind == "lokr" and len(w) >= 7:
+        return None, lokr_rank(w[0], w[4], w[1], w[6], out_features, in_size)
+    if kind == "diff":
+        return None, full_rank(out_features, in_size)
+    return None, None
+
+
 def weight_shape(module: torch.nn.Module, factors: LowRankFactors | None) -> tuple[int, ...] | None:
     """The logical weight shape: a float weight's own, a quantized one's `real_shape` (Forge's GGUF), or,
     for packed 4-bit weights, what an unsliced LoRA's factors imply."""
@@ -204,6 +261,7 @@ def module_deltas(
     dense: DensePatch,
     *,
     prefix: str = "diffusion_model.",
+    describe: DescribePatch | None = None,
 ) -> tuple[dict[str, ModuleDelta], list[str]]:
     """Group a LoRA's patch dict (host key map output) by module; returns (deltas, skipped keys).
 
@@ -253,8 +311,13 @@ def module_deltas(
                 skipped.append(str(key))
                 continue
             dense_delta = merged.to(torch.float32) - base
+        scored, rank = (
+            describe(value, part_shape) if describe is not None and factors is None else (None, None)
+        )
+        if scored is not None and not _factors_fit(scored, part_shape):
+            scored = None
         entry = deltas.setdefault(name, ModuleDelta(name, module, shape, []))
-        entry.parts.append(_Part(factors, dense_delta, start, size))
+        entry.parts.append(_Part(factors, dense_delta, start, size, scored, rank))
     return deltas, skipped
 
 

@@ -35,6 +35,7 @@ from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.options import Method
 from lib_klora.fusion.plan import StepSchedule
 from lib_klora.fusion.scores import compute_scores
+from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
 UNET_PREFIX = "diffusion_model_"
@@ -78,21 +79,38 @@ class NetworkCache:
         self._nets.clear()
 
 
+def host_rank(module: Any, weight: torch.Tensor) -> int:
+    """The rank bound K-LoRA uses as K for one A1111 NetworkModule, the file reader's definition
+    (`loras/structured.py`): LoRA/LoCon/DoRA their rank, LoHa r1·r2, LoKr the product of its halves' ranks,
+    full (and anything else without a rank) min(out, in·kh·kw)."""
+    out_features, in_size = int(weight.shape[0]), int(weight[0].numel())
+    if hasattr(module, "w1") and hasattr(module, "w2"):  # network_lokr.NetworkModuleLokr
+        return lokr_rank(module.w1, module.w1b, module.w2, module.w2b, out_features, in_size)
+    if hasattr(module, "w1b") and hasattr(module, "w2b"):  # network_hada.NetworkModuleHada
+        return loha_rank(module.w1b, module.w2b, out_features, in_size)
+    if hasattr(module, "up_model") and getattr(module, "dim", None):
+        return int(module.dim)
+    return full_rank(out_features, in_size)
+
+
 class HostDelta:
-    """A `DeltaSource` over an A1111 NetworkModule: low-rank factors when plain LoRA, else calc_updown."""
+    """A `DeltaSource` over an A1111 NetworkModule: low-rank factors when plain LoRA, else calc_updown.
+
+    A DoRA layer is scored by its low-rank update (its `factors`), as the file reader scores it; its exact,
+    weight-dependent delta is what `branch_for` applies (`exact_low_rank` is False for it)."""
 
     def __init__(self, module: Any, layer: torch.nn.Module) -> None:
         self.module, self.layer, self.stem = module, layer, module.sd_key
         weight = layer.weight
         self.numel = int(weight.numel())
-        self.rank = int(getattr(module, "dim", None) or min(weight.shape[0], weight[0].numel()))
-        plain = (
+        self.rank = host_rank(module, weight)
+        low_rank = (
             hasattr(module, "up_model")
             and getattr(module, "mid_model", None) is None
-            and getattr(module, "dora_scale", None) is None
             and getattr(module.network, "dyn_dim", None) is None
         )
-        if plain:
+        self.exact_low_rank = low_rank and getattr(module, "dora_scale", None) is None
+        if low_rank:
             self.factors = self._factors
 
     def _factors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +307,7 @@ def branch_for(module: Any, layer: torch.nn.Module, strength: float) -> Branch:
     dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
     source = HostDelta(module, layer)
     with torch.no_grad():
-        if hasattr(source, "factors"):
+        if source.exact_low_rank:
             up = module.up_model.weight.detach().to(dtype)
             down = module.down_model.weight.detach().to(dtype)
             return LowRankBranch(up, down, strength * float(module.calc_scale()), conv=conv)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lib_klora.errors import IncompatibleLorasError
+from lib_klora.errors import IncompatibleLorasError, LoraFileError
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.plan import FusionPlan, PlanSettings
 from lib_klora.fusion.scores import ScoreTable, compute_scores
@@ -24,12 +24,59 @@ def denoiser_modules(lora: LoraFile) -> dict:
     return {name: m for name, m in lora.modules.items() if name.startswith(DENOISER_COMPONENTS)}
 
 
-def check_compatible(loras: Sequence[LoraFile]) -> None:
-    """Refuse LoRAs made for different base models before any scoring work."""
-    known = [(lora.architecture, lora.path) for lora in loras if lora.architecture]
-    if len({arch for arch, _ in known}) > 1:
-        detail = ", ".join(f"{path.name} is {arch}" for arch, path in known)
+def check_compatible(loras: Sequence[LoraFile], model_architecture: str | None = None) -> None:
+    """Refuse LoRAs made for different base models (or for another model than the loaded one, where the
+    host tells it) before any scoring work."""
+    _check_architectures([(lora.path, lora.architecture) for lora in loras], model_architecture)
+
+
+def _check_architectures(found: Sequence[tuple[Path, str | None]], model_architecture: str | None) -> None:
+    known = [(path, arch) for path, arch in found if arch]
+    if len({arch for _, arch in known}) > 1:
+        detail = ", ".join(f"{path.name} is {arch}" for path, arch in known)
         raise IncompatibleLorasError(f"the LoRAs were trained for different base models ({detail})")
+    for path, arch in known:
+        if model_architecture and arch != model_architecture:
+            raise IncompatibleLorasError(
+                f"{path.name} was trained for a different base model ({arch}) than the loaded one "
+                f"({model_architecture})"
+            )
+
+
+_checked: dict[tuple[str, int, int], str | LoraFileError | None] = {}  # (path, size, mtime) -> arch or error
+_CHECKED_LIMIT = 64
+
+
+def checked_architecture(path: str | os.PathLike[str]) -> str | None:
+    """Read a LoRA file as the plan route does (header, tensors, NaN/Inf, layers) and return its base
+    architecture; raises `LoraFileError`. Remembered per (path, size, mtime), so a request validator can
+    call it for every request. The file is only read."""
+    file = Path(path)
+    try:
+        stat = file.stat()
+        key: tuple[str, int, int] | None = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _checked:
+        result = _checked[key]
+    else:
+        try:
+            result = read_lora_file(file).architecture
+        except LoraFileError as exc:
+            result = exc
+        if key is not None:
+            while len(_checked) >= _CHECKED_LIMIT:
+                _checked.pop(next(iter(_checked)))
+            _checked[key] = result
+    if isinstance(result, LoraFileError):
+        raise result
+    return result
+
+
+def check_lora_files(paths: Sequence[str | os.PathLike[str]], model_architecture: str | None = None) -> None:
+    """The plan route's checks of a subject/style pair, for every other route (API validator, UI job
+    start): each file readable and finite, both for the same base model (and the loaded one when known)."""
+    _check_architectures([(Path(p), checked_architecture(p)) for p in paths], model_architecture)
 
 
 def load_score_table(

@@ -10,6 +10,7 @@ from enum import Enum
 from typing import TypeVar
 
 SUBJECT, STYLE = 0, 1  # LoRA indices in every plan, schedule and selection table
+MAX_STEPS = 1000  # the most sampling steps a plan is made for, on every route (API, plan route, CLI)
 
 
 class Method(str, Enum):

@@ -17,7 +17,7 @@ import torch
 
 from lib_klora.errors import IncompatibleLorasError
 
-SCORER_VERSION = 1  # bump when the numbers a cache holds would change
+SCORER_VERSION = 2  # bump when the numbers a cache holds would change (2: FLUX slices, structured K)
 _SAMPLE_SIZE = 16384  # entries sampled to place the top-K threshold
 
 

@@ -48,7 +48,7 @@ class KLoraScript(webui.KLoraScriptBase):
                 should_stop=lambda: bool(shared.state.interrupted),
             )
 
-        job = job_start.begin_job(p, args, build)
+        job = job_start.begin_job(p, args, build, check_loras=webui.check_lora_pair)
         if job is None:
             # This job wants no K-LoRA weights: restore the layers an earlier job left merged now (Lora
             # would do it lazily, but not in functional mode without networks: pitfall P4).

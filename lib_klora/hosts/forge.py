@@ -178,7 +178,11 @@ class KLoraScript(webui.KLoraScriptBase):
         # K-LoRA's authors recommend S* for FLUX: the default there, unless the request chose a pattern.
         model_pattern = "s*" if webui.is_flux_model() else None
         job = job_start.begin_job(
-            p, args, lambda first, hires: build_job(p, first, hires), model_pattern=model_pattern
+            p,
+            args,
+            lambda first, hires: build_job(p, first, hires),
+            model_pattern=model_pattern,
+            check_loras=webui.check_lora_pair,
         )
         if job is None:
             return
@@ -257,7 +261,9 @@ def build_job(p: Any, first: KLoraParams | None, hires: KLoraParams | None) -> e
 
     for file in files:
         lora = API.load_file(file)
-        found, _skipped = engine.module_deltas(API.unet_patches(unet, lora), find, API.decode, API.dense)
+        found, _skipped = engine.module_deltas(
+            API.unet_patches(unet, lora), find, API.decode, API.dense, describe=engine.describe_patch
+        )
         deltas.append(found)
         te.append(API.clip_patches(forge_objects.clip, lora) if params.te_policy != "none" else {})
     key = (

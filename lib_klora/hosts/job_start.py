@@ -80,8 +80,10 @@ def begin_job(
     build: Callable[[KLoraParams | None, KLoraParams | None], Any],
     *,
     model_pattern: str | None = None,
+    check_loras: Callable[[str, str], None] | None = None,
 ) -> Any:
-    """Parameters of the job, then `build(first, hires)` (the host's LoRA loading and scoring).
+    """Parameters of the job, `check_loras(subject, style)` (the plan route's file checks, before the host's
+    loader sees a broken file), then `build(first, hires)` (the host's LoRA loading and scoring).
 
     Returns the job, or None when K-LoRA is off or the job was stopped with a message (bad parameters,
     unusable LoRAs, any failure while preparing them: an image without the fusion asked for is worse).
@@ -96,6 +98,13 @@ def begin_job(
         return None
     if first is None and hires is None:
         return None
+    pair = first or hires
+    if check_loras is not None:
+        try:
+            check_loras(pair.subject, pair.style)
+        except (KLoraError, OSError) as exc:
+            stop_job(p, str(exc) if str(exc).startswith("K-LoRA") else f"K-LoRA: {exc}")
+            return None
     try:
         job = build(first, hires)
     except ScoringInterrupted:

@@ -16,7 +16,7 @@ import gradio as gr
 from modules import devices, extra_networks, scripts, shared
 
 from lib_klora import __version__
-from lib_klora.engines.job import resolve_lora
+from lib_klora.engines.job import PickleLoraError, resolve_lora
 from lib_klora.errors import KLoraError
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.plan import FusionPlan, PlanSettings
@@ -52,14 +52,40 @@ def lora_names() -> list[str]:
 
 
 def lora_exists(name: str) -> bool:
+    """Whether the WebUI lists this LoRA; a listed pickle raises its own message (the same on every path)."""
     nets = networks_module()
     if nets is None:
         return False
     try:
         resolve_lora(nets, name)
+    except PickleLoraError:
+        raise
     except KLoraError:
         return False
     return True
+
+
+def model_architecture() -> str | None:
+    """The loaded model's base architecture in the file reader's words, None when unknown."""
+    model = getattr(shared, "sd_model", None)
+    if model is None:
+        return None
+    if getattr(model, "is_sd3", False):
+        return "sd3"
+    if is_flux_model():
+        return "flux"
+    for flag, arch in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
+        if getattr(model, flag, False) is True:
+            return arch
+    return None
+
+
+def check_lora_pair(subject: str, style: str) -> None:
+    """The plan route's file checks for a job's two LoRAs, against the loaded model too; raises KLoraError
+    naming the file. Our reading never renames or modifies a file (Forge's loader renames a corrupt one)."""
+    from lib_klora.fusion.from_files import check_lora_files
+
+    check_lora_files([lora_file(subject), lora_file(style)], model_architecture())
 
 
 def lora_file(name: str) -> str:
@@ -184,6 +210,12 @@ def make_app_started(plan_for_names: PlanForNames = plan_for_names) -> Callable[
             if credentials
             else None
         )
-        api.install_request_validator(app, script_title=TITLE, resolve_lora=lora_exists, authorize=authorize)
+        api.install_request_validator(
+            app,
+            script_title=TITLE,
+            resolve_lora=lora_exists,
+            check_loras=check_lora_pair,
+            authorize=authorize,
+        )
 
     return on_app_started

@@ -1,16 +1,21 @@
-"""Reading LoRA safetensors files into low-rank modules with canonical layer names.
+"""Reading LoRA safetensors files into per-layer weight deltas with canonical layer names.
 
-Only safetensors is read. Pickle-based files are refused before a single byte is unpickled: loading a
-pickle runs arbitrary code, and LoRAs are routinely downloaded from strangers.
+Only safetensors is read (`safetensors_header.py` decides from the header itself what a file is). Pickle-based
+files are refused before a single byte is unpickled: loading a pickle runs arbitrary code, and LoRAs are
+routinely downloaded from strangers. A layer is a plain low-rank pair (LoRA, LoCon with a CP core, DoRA), a
+LyCORIS structured layer (LoHa, LoKr, full; `structured.py`), or, for FLUX files that split a fused layer,
+row slices of it (`flux_names.py`).
+
+DoRA: the ΔW a DoRA layer applies rescales each output row of W + ΔW_lora to a stored magnitude, which
+needs the base model's weight; a file alone cannot give it. K-LoRA scores a DoRA layer by its low-rank
+update scale · up @ down (the part the trainer learnt as a LoRA), with K from its rank, in the file reader
+and in every host alike, and applies the host's exact DoRA delta while sampling.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,22 +23,29 @@ from pathlib import Path
 import torch
 
 from lib_klora.errors import LoraFileError
+from lib_klora.loras.flux_names import bfl_name, slot_rows
 from lib_klora.loras.naming import ParsedKey, align_text_encoder, detect_base_architecture, parse_lora_key
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the JSON header
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-_ALPHA_METADATA_KEYS = ("lora_alpha", "alpha", "ss_network_alpha")
-_PEFT_METADATA_KEYS = (
-    "lora_adapter_metadata",
-    "unet_lora_adapter_metadata",
-    "transformer_lora_adapter_metadata",
+from lib_klora.loras.peft_metadata import AdapterSettings, adapter_settings
+from lib_klora.loras.safetensors_header import PICKLE_SUFFIXES, pickle_refusal, read_safetensors
+from lib_klora.loras.structured import (
+    FORMAT_NAMES,
+    STRUCTURED_PARTS,
+    StructuredModule,
+    StructureError,
+    structured_kind,
 )
+
+__all__ = ["PICKLE_SUFFIXES", "LoraFile", "LowRankModule", "SlicedModule", "pickle_refusal", "read_lora_file"]
+
+_LOW_RANK_PARTS = ("down", "up", "mid")
+_KNOWN_PARTS = {
+    *_LOW_RANK_PARTS,
+    "alpha",
+    "dora_scale",
+    *(p for parts in STRUCTURED_PARTS.values() for p in parts),
+}
+_UNREAD_FORMATS = {"oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "BOFT", "boft_R": "BOFT"}
+_FLOAT_SOURCES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 @dataclass
@@ -46,6 +58,7 @@ class LowRankModule:
     up: torch.Tensor  # (out, r) or conv (out, r, 1, 1)
     mid: torch.Tensor | None = None  # LoCon CP core (r, r, kh, kw)
     alpha: float | None = None
+    dora_scale: torch.Tensor | None = None  # DoRA magnitude (scored as described in the module docstring)
 
     @property
     def rank(self) -> int:
@@ -94,11 +107,40 @@ class LowRankModule:
 
 
 @dataclass
+class SlicedModule:
+    """A fused layer adapted in row slices (FLUX q/k/v/MLP written as separate layers); rows not covered
+    stay zero. Its rank bound is the sum of the slices' ranks, as the hosts count a sliced patch."""
+
+    canonical: str
+    stem: str
+    out_features: int
+    in_features: int
+    slices: list[tuple[int, LowRankModule | StructuredModule]]  # (first row, module)
+
+    @property
+    def rank(self) -> int:
+        return sum(m.rank for _, m in self.slices)  # K is capped at the layer's size where it is used
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        out = torch.zeros(self.out_features, self.in_features, device=device, dtype=torch.float32)
+        for start, module in self.slices:
+            out[start : start + module.out_features] += module.delta(device)
+        return out
+
+
+LoraModule = LowRankModule | StructuredModule | SlicedModule
+
+
+@dataclass
 class LoraFile:
     path: Path
     sha256: str
     metadata: dict[str, str]
-    modules: dict[str, LowRankModule]  # canonical name -> module
+    modules: dict[str, LoraModule]  # canonical name -> module
     architecture: str | None
     unsupported: dict[str, int] = field(default_factory=dict)  # tensor part -> count of keys skipped
 
@@ -111,82 +153,133 @@ def _fail(path: Path, message: str, key: str | None = None) -> LoraFileError:
     return LoraFileError(path, message, key)
 
 
-def _parse_header(path: Path, data: bytes) -> tuple[dict, dict[str, str], int]:
-    """Validate the safetensors header ourselves so truncation and corruption get precise messages."""
-    if len(data) == 0:
-        raise _fail(path, "the file is empty")
-    if data[:2] == b"PK" or data[:1] == b"\x80":
+Slot = dict[str, tuple[str, torch.Tensor]]  # part -> (key as written, tensor)
+
+
+def _check_weight(path: Path, key: str, tensor: torch.Tensor, dtypes: Mapping[str, str], what: str) -> None:
+    if dtypes.get(key, "F32") not in _FLOAT_SOURCES:
         raise _fail(
-            path, "this is a pickle/zip checkpoint, not safetensors; convert it to .safetensors first"
+            path, f"{what} is stored as {dtypes[key]}; a LoRA weight must be a floating-point tensor", key
         )
-    if len(data) < 8:
-        raise _fail(path, f"the file is truncated ({len(data)} bytes; a safetensors header needs at least 8)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > _HEADER_LIMIT or 8 + header_len > len(data):
+    if tensor.numel() and not torch.isfinite(tensor).all():
+        raise _fail(path, f"{what} contains NaN or Inf values", key)
+
+
+def _alpha(path: Path, slot: Slot, stem: str, rank: int, settings: AdapterSettings) -> float | None:
+    if "alpha" not in slot:
+        return settings.alpha_for(stem, rank)
+    key, tensor = slot["alpha"]
+    if tensor.numel() != 1:
+        raise _fail(path, f"alpha must be one number, got shape {tuple(tensor.shape)}", key)
+    value = float(tensor.reshape(()).item())
+    if not math.isfinite(value):
+        raise _fail(path, "alpha must be one finite number", key)
+    return value
+
+
+def _check_dora(path: Path, slot: Slot, out_features: int, in_features: int, fmt: str) -> torch.Tensor | None:
+    if "dora_scale" not in slot:
+        return None
+    key, magnitude = slot["dora_scale"]
+    _check_weight(path, key, magnitude, {}, f"{fmt} DoRA magnitude")
+    if magnitude.numel() not in (out_features, in_features):
         raise _fail(
             path,
-            f"not a valid safetensors file or truncated: the header claims {header_len} bytes, "
-            f"the file has {len(data)}",
+            f"{fmt} DoRA magnitude has {magnitude.numel()} entries; the layer has {out_features} outputs "
+            f"and {in_features} inputs",
+            key,
+        )
+    return magnitude
+
+
+def _part_name(key: str, stem: str) -> str:
+    return key[len(stem) + 1 :] if key.startswith(stem + ".") else key
+
+
+def _build_low_rank(
+    path: Path, canonical: str, stem: str, slot: Slot, settings: AdapterSettings, dtypes: Mapping[str, str]
+) -> LowRankModule:
+    if "up" not in slot or "down" not in slot:
+        have, missing = ("up", "down") if "up" in slot else ("down", "up")
+        if have not in slot:  # only mid/alpha/dora_scale: name what is there
+            key = next(iter(slot.values()))[0]
+            raise _fail(path, f"LoRA layer {stem} has {_part_name(key, stem)} but no up/down weights", key)
+        key = slot[have][0]
+        present = _part_name(key, stem)
+        pairs = (("lora_down", "lora_up"), ("lora_A", "lora_B"), ("down", "up"))
+        wanted = next(
+            (
+                present.replace(*(pair if have == "down" else pair[::-1]), 1)
+                for pair in pairs
+                if have in present
+            ),
+            missing,
+        )
+        raise _fail(path, f"LoRA layer {stem} has {present} but no {wanted}", key)
+    down_key, down = slot["down"]
+    up_key, up = slot["up"]
+    mid = slot["mid"][1] if "mid" in slot else None
+    for key, tensor in ((down_key, down), (up_key, up), *([slot["mid"]] if mid is not None else [])):
+        if tensor.dim() not in (2, 4):
+            raise _fail(path, f"expected a 2-D or 4-D LoRA weight, got shape {tuple(tensor.shape)}", key)
+        _check_weight(path, key, tensor, dtypes, "LoRA weight")
+    rank = down.shape[0]
+    up_rank = up.shape[1]
+    if mid is not None:
+        if mid.dim() != 4 or mid.shape[0] != up_rank or mid.shape[1] != rank:
+            raise _fail(
+                path, f"LoCon lora_mid shape {tuple(mid.shape)} does not fit up/down ranks", slot["mid"][0]
+            )
+    elif up_rank != rank:
+        raise _fail(
+            path,
+            f"shape mismatch: up {tuple(up.shape)} has rank {up_rank}, "
+            f"down {tuple(down.shape)} has rank {rank}",
+            up_key,
+        )
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise _fail(path, f"conv lora_up must be 1x1, got {tuple(up.shape)}", up_key)
+    module = LowRankModule(canonical=canonical, stem=stem, down=down, up=up, mid=mid)
+    module.alpha = _alpha(path, slot, stem, module.rank, settings)
+    module.dora_scale = _check_dora(path, slot, module.out_features, module.in_features, "LoRA")
+    return module
+
+
+def _build_structured(
+    path: Path,
+    canonical: str,
+    stem: str,
+    kind: str,
+    slot: Slot,
+    settings: AdapterSettings,
+    dtypes: Mapping[str, str],
+) -> StructuredModule:
+    fmt = FORMAT_NAMES[kind]
+    weights = {part: slot[part][1] for part in STRUCTURED_PARTS[kind] if part in slot}
+    for part in STRUCTURED_PARTS[kind]:
+        if part in slot:
+            _check_weight(path, slot[part][0], slot[part][1], dtypes, f"{fmt} weight")
+    mixed = [p for p in ("down", "up", "mid") if p in slot] + [
+        p for other, parts in STRUCTURED_PARTS.items() if other != kind for p in parts if p in slot
+    ]
+    if mixed:
+        key = slot[mixed[0]][0]
+        raise _fail(
+            path, f"{fmt} layer {stem} also has {_part_name(key, stem)} (two formats in one layer)", key
         )
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _fail(path, "corrupt safetensors metadata (not a JSON object)")
-    body = len(data) - 8 - header_len
-    for key, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise _fail(path, "corrupt safetensors header entry", key) from None
-        if end > body or start > end:
-            raise _fail(
-                path, f"the file is truncated: tensor data ends at byte {end}, only {body} present", key
-            )
-    return header, {str(k): str(v) for k, v in metadata.items()}, 8 + header_len
+        module = StructuredModule(canonical=canonical, stem=stem, kind=kind, weights=weights)
+    except StructureError as exc:
+        part = exc.key_part if exc.key_part in slot else next(iter(weights))
+        message = str(exc).replace(f"{fmt} layer ", f"{fmt} layer {stem} ", 1)
+        raise _fail(path, message, slot[part][0]) from None
+    module.alpha = _alpha(path, slot, stem, module.rank, settings) if kind != "full" else None
+    module.dora_scale = _check_dora(path, slot, module.out_features, module.in_features, fmt)
+    return module
 
 
-def _load_tensors(path: Path, data: bytes, header: dict, offset: int) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for key, info in header.items():
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise _fail(path, f"unsupported tensor dtype {info.get('dtype')!r} for a LoRA weight", key)
-        start, end = info["data_offsets"]
-        shape = [int(s) for s in info.get("shape", [])]
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - start != expected:
-            raise _fail(path, f"tensor byte size {end - start} does not match shape {shape}", key)
-        raw = bytearray(memoryview(data)[offset + start : offset + end])
-        tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        tensors[key] = tensor.reshape(shape)
-    return tensors
-
-
-def _metadata_alpha(metadata: Mapping[str, str]) -> float | None:
-    """PEFT files keep alpha outside the tensors: a plain number or a JSON adapter config."""
-    for key in _PEFT_METADATA_KEYS:
-        if key in metadata:
-            try:
-                config = json.loads(metadata[key])
-            except json.JSONDecodeError:
-                continue
-            if isinstance(config, dict) and isinstance(config.get("lora_alpha"), (int, float)):
-                return float(config["lora_alpha"])
-    for key in _ALPHA_METADATA_KEYS:
-        try:
-            return float(metadata[key])
-        except (KeyError, ValueError):
-            continue
-    return None
-
-
-def _group_modules(path: Path, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> LoraFile:
-    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+def _group(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Slot], dict[str, str], dict[str, int]]:
+    parts: dict[str, Slot] = {}
     stems: dict[str, str] = {}
     unsupported: dict[str, int] = {}
     for key, tensor in tensors.items():
@@ -194,27 +287,94 @@ def _group_modules(path: Path, tensors: dict[str, torch.Tensor], metadata: Mappi
         if parsed is None:
             unsupported[key] = unsupported.get(key, 0) + 1
             continue
-        if parsed.part not in ("down", "up", "mid", "alpha"):
+        if parsed.part not in _KNOWN_PARTS:
             unsupported[parsed.part] = unsupported.get(parsed.part, 0) + 1
             continue
         slot = parts.setdefault(parsed.canonical, {})
         if parsed.part in slot:
-            raise _fail(path, f"two keys give layer {parsed.canonical} a '{parsed.part}' weight", key)
+            raise LoraFileError("", f"two keys give layer {parsed.canonical} a '{parsed.part}' weight", key)
         slot[parsed.part] = (key, tensor)
         stems.setdefault(parsed.canonical, parsed.stem)
-    default_alpha = _metadata_alpha(metadata)
-    modules: dict[str, LowRankModule] = {}
+    return parts, stems, unsupported
+
+
+def _input_size(module: LoraModule) -> int:
+    return int(module.down.shape[1]) if isinstance(module, LowRankModule) else module.in_features
+
+
+def _flux_layout(path: Path, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
+    """diffusers/XLabs FLUX names -> BFL names, split layers gathered into row slices (see flux_names)."""
+    out: dict[str, LoraModule] = {}
+    sliced: dict[str, SlicedModule] = {}
+    for name, module in modules.items():
+        target = bfl_name(name)
+        if target is None:
+            out.setdefault(name, module)
+            continue
+        layer, slot = target
+        if slot is None:
+            if layer in out:
+                raise _fail(path, f"two layers of this file adapt FLUX layer {layer}", module.stem)
+            module.canonical = layer
+            out[layer] = module
+            continue
+        assert not isinstance(module, SlicedModule)
+        start, rows, height = slot_rows(slot, _input_size(module), layer)
+        if module.out_features != rows:
+            raise _fail(
+                path,
+                f"FLUX layer {module.stem} has {module.out_features} outputs; "
+                f"its slice of {layer} has {rows}",
+                module.stem,
+            )
+        entry = sliced.setdefault(layer, SlicedModule(layer, module.stem, height, module.in_features, []))
+        if any(first == start for first, _ in entry.slices) or entry.in_features != module.in_features:
+            raise _fail(path, f"layers of this file overlap in FLUX layer {layer}", module.stem)
+        entry.slices.append((start, module))
+    for layer, entry in sliced.items():
+        if layer in out:
+            raise _fail(path, f"FLUX layer {layer} is adapted both whole and in slices", entry.stem)
+        entry.slices.sort(key=lambda item: item[0])
+        out[layer] = entry
+    return out
+
+
+def _no_modules_message(unsupported: Mapping[str, int]) -> str:
+    unread = sorted({fmt for part, fmt in _UNREAD_FORMATS.items() if part in unsupported})
+    if unread:
+        return (
+            f"this is a {'/'.join(unread)} file; K-LoRA's file reader (plan, CLI, plan route) reads LoRA, "
+            "LoCon, LoHa, LoKr, full and DoRA layers"
+        )
+    found = ", ".join(sorted(unsupported)[:5]) or "no tensors"
+    return f"no LoRA layers found (up/down, LoHa, LoKr or diff weights); saw {found}"
+
+
+def _build_lora(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], dtypes
+) -> LoraFile:
+    try:
+        parts, stems, unsupported = _group(tensors)
+    except LoraFileError as exc:
+        raise _fail(path, exc.reason, exc.key) from None
+    settings = adapter_settings(metadata)
+    modules: dict[str, LoraModule] = {}
     for canonical, slot in parts.items():
-        modules[canonical] = _build_module(path, canonical, stems[canonical], slot, default_alpha)
+        stem = stems[canonical]
+        kind = structured_kind(set(slot))
+        if kind is None:
+            modules[canonical] = _build_low_rank(path, canonical, stem, slot, settings, dtypes)
+        else:
+            modules[canonical] = _build_structured(path, canonical, stem, kind, slot, settings, dtypes)
     if not modules:
-        found = ", ".join(sorted(unsupported)[:5]) or "no tensors"
-        raise _fail(path, f"no LoRA (up/down) modules found; saw {found}")
-    in_features = {name: int(m.down.shape[1]) for name, m in modules.items()}
-    architecture = detect_base_architecture(in_features, dict(metadata))
+        raise _fail(path, _no_modules_message(unsupported))
+    architecture = detect_base_architecture({n: _input_size(m) for n, m in modules.items()}, dict(metadata))
     # diffusers' "text_encoder" is SDXL's first encoder (kohya "te1"); only the architecture tells.
     aligned = {align_text_encoder(name, architecture): m for name, m in modules.items()}
     for name, module in aligned.items():
         module.canonical = name
+    if architecture == "flux":
+        aligned = _flux_layout(path, aligned)
     return LoraFile(
         path=path,
         sha256="",
@@ -225,71 +385,12 @@ def _group_modules(path: Path, tensors: dict[str, torch.Tensor], metadata: Mappi
     )
 
 
-def _build_module(
-    path: Path,
-    canonical: str,
-    stem: str,
-    slot: dict[str, tuple[str, torch.Tensor]],
-    default_alpha: float | None,
-) -> LowRankModule:
-    if "up" not in slot or "down" not in slot:
-        have, missing = ("up", "down") if "up" in slot else ("down", "up")
-        key = slot[have][0] if have in slot else next(iter(slot.values()))[0]
-        raise _fail(path, f"layer has no '{missing}' weight to go with its other LoRA tensors", key)
-    down_key, down = slot["down"]
-    up_key, up = slot["up"]
-    mid = slot["mid"][1] if "mid" in slot else None
-    for key, tensor in ((down_key, down), (up_key, up), *([slot["mid"]] if mid is not None else [])):
-        if tensor.dim() not in (2, 4):
-            raise _fail(path, f"expected a 2-D or 4-D LoRA weight, got shape {tuple(tensor.shape)}", key)
-        if not torch.isfinite(tensor).all():
-            raise _fail(path, "weight contains NaN or Inf values", key)
-    rank = down.shape[0]
-    up_rank = up.shape[1]
-    if mid is not None:
-        if mid.dim() != 4 or mid.shape[0] != up_rank or mid.shape[1] != rank:
-            raise _fail(path, f"lora_mid shape {tuple(mid.shape)} does not fit up/down ranks", slot["mid"][0])
-    elif up_rank != rank:
-        raise _fail(
-            path,
-            f"shape mismatch: up {tuple(up.shape)} has rank {up_rank}, "
-            f"down {tuple(down.shape)} has rank {rank}",
-            up_key,
-        )
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        raise _fail(path, f"conv lora_up must be 1x1, got {tuple(up.shape)}", up_key)
-    alpha = default_alpha
-    if "alpha" in slot:
-        alpha_key, alpha_tensor = slot["alpha"]
-        if alpha_tensor.numel() != 1 or not torch.isfinite(alpha_tensor).all():
-            raise _fail(path, "alpha must be one finite number", alpha_key)
-        alpha = float(alpha_tensor.reshape(()).item())
-    return LowRankModule(canonical=canonical, stem=stem, down=down, up=up, mid=mid, alpha=alpha)
-
-
-def _file_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def read_lora_file(path: str | os.PathLike[str]) -> LoraFile:
-    """Read a LoRA safetensors file. Every problem raises `LoraFileError` naming the file (and key)."""
+    """Read a LoRA safetensors file. Every problem raises `LoraFileError` naming the file (and key).
+
+    The file is only read, never renamed or modified."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise _fail(
-            path,
-            f"'{path.suffix}' files are pickles and are never loaded (unpickling can run arbitrary code); "
-            "use the .safetensors version of this LoRA",
-        )
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise _fail(path, "file not found") from None
-    except IsADirectoryError:
-        raise _fail(path, "is a directory, not a LoRA file") from None
-    except OSError as exc:
-        raise _fail(path, f"cannot read the file ({exc.strerror or exc})") from None
-    header, metadata, offset = _parse_header(path, data)
-    tensors = _load_tensors(path, data, header, offset)
-    lora = _group_modules(path, tensors, metadata)
-    lora.sha256 = _file_sha256(data)
+    contents = read_safetensors(path)
+    lora = _build_lora(path, contents.tensors, contents.metadata, contents.source_dtypes)
+    lora.sha256 = contents.sha256
     return lora

@@ -39,7 +39,7 @@ class ParsedKey:
     stem: str  # module key exactly as written, everything before the tensor part
     canonical: str  # "<component>:<diffusers path with '_'>", shared by all formats
     part: str  # "down" | "up" | "mid" | "alpha" | raw suffix ("hada_w1_a", "diff", ...)
-    format: str  # "kohya" | "diffusers" | "peft"
+    format: str  # "kohya" | "diffusers" | "peft" | "xlabs"
 
 
 # Tensor-part suffixes, tried in order; (pattern, part, format implied by the suffix or None).
@@ -53,6 +53,8 @@ _SUFFIXES: tuple[tuple[re.Pattern[str], str, str | None], ...] = tuple(
         (r"\.(?:lora|lora_linear_layer)\.up\.weight$", "up", "diffusers"),
         (r"(?<=_lora)\.down\.weight$", "down", "diffusers"),  # attn-processor form: to_q_lora.down
         (r"(?<=_lora)\.up\.weight$", "up", "diffusers"),
+        (r"(?<=_lora[12])\.down\.weight$", "down", "xlabs"),  # XLabs FLUX: qkv_lora1.down, proj_lora2.up
+        (r"(?<=_lora[12])\.up\.weight$", "up", "xlabs"),
         (r"\.lora_down\.weight$", "down", None),
         (r"\.lora_up\.weight$", "up", None),
         (r"\.lora_mid\.weight$", "mid", None),
@@ -62,7 +64,7 @@ _SUFFIXES: tuple[tuple[re.Pattern[str], str, str | None], ...] = tuple(
 # Anything else: the last segment, or "<algo>_x.<y>" so "lora_B.bias" / "lokr_w1.weight" stay whole.
 _RAW_SUFFIX = re.compile(r"\.((?:lora|hada|lokr|oft|boft|dora)_[^.]*\.[^.]+|[^.]+)$")
 
-_KOHYA_STEM = re.compile(r"^lora_(unet|te[123]?)_(.+)$")
+_KOHYA_STEM = re.compile(r"^(?:lora_(unet|te[123]?|transformer)|(lycoris))_(.+)$")
 _COMPONENT_SEGMENTS = {
     "unet": "unet",
     "transformer": "transformer",
@@ -190,8 +192,8 @@ def parse_lora_key(key: str) -> ParsedKey | None:
     stem, part, suffix_format = split
 
     kohya = _KOHYA_STEM.match(stem)
-    if kohya and "." not in stem:
-        return ParsedKey(stem, _canonical(kohya.group(1), kohya.group(2)), part, "kohya")
+    if kohya and "." not in stem:  # "lora_transformer_" (OneTrainer); "lycoris_": the path tells (LyCORIS)
+        return ParsedKey(stem, _canonical(kohya.group(1), kohya.group(3)), part, "kohya")
     if stem.startswith("lora_") and "." not in stem:  # kohya-style, unknown network: keep it whole
         return ParsedKey(stem, f"other:{stem[len('lora_') :]}", part, "kohya")
 

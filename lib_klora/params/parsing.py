@@ -64,8 +64,10 @@ _FLOAT_RANGES: dict[str, tuple[float, bool, float]] = {
 }
 # What "not set" looks like in a text box, a dropdown or a tag; only optional fields accept it.
 _UNSET_WORDS = frozenset({"", "none", "null", "default", "auto", "same"})
-_TRUE_WORDS = frozenset({"true", "1", "yes", "y", "on", "t"})
-_FALSE_WORDS = frozenset({"false", "0", "no", "n", "off", "f"})
+# A boolean is a real bool or, in text (tag, infotext, X/Y/Z cell), true/false or the on/off that the
+# infotext and the X/Y/Z axes write. Nothing else: "yes", 1 or "maybe" are errors on every route.
+_TRUE_WORDS = frozenset({"true", "on"})
+_FALSE_WORDS = frozenset({"false", "off"})
 _FORBIDDEN_NAME_PARTS = ("/", "\\", ":", "<", ">", "..")
 
 
@@ -148,8 +150,6 @@ def _parse_int(value: object) -> int:
 def _parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
     if isinstance(value, str):
         word = value.strip().lower()
         if word in _TRUE_WORDS:

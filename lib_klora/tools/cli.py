@@ -12,7 +12,7 @@ from pathlib import Path
 from lib_klora import __version__
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.from_files import plan_from_files
-from lib_klora.fusion.options import PLANNED_METHODS, GammaVariant, Pattern
+from lib_klora.fusion.options import MAX_STEPS, PLANNED_METHODS, GammaVariant, Pattern
 from lib_klora.fusion.plan import PlanSettings
 from lib_klora.fusion.schedule import DEFAULT_ALPHA
 from lib_klora.fusion.selection_map import save_selection_map
@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "steps", 1) <= 0:
-        parser.error("--steps must be a positive integer")
+    steps = getattr(args, "steps", 1)
+    if not 1 <= steps <= MAX_STEPS:
+        parser.error(f"--steps must be an integer from 1 to {MAX_STEPS} (the API's limit too), got {steps}")
     try:
         return args.func(args)
     except ValueError as exc:  # KLoraError (bad files) and invalid settings alike

@@ -247,6 +247,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``eval``: table on stdout (stderr when the JSON goes to stdout); KLoraError on bad input."""
+    if args.offline and args.weights_dir is None and not args.random_weights:
+        raise KLoraError(
+            "--offline needs --weights-dir DIR: the folder holding open_clip_<model>_<tag>.safetensors and "
+            "timm_<model>.safetensors (or leave out --offline to download them)"
+        )
     files = collect_images(args.images)
     subject = list_images(args.subject_refs, what="subject reference")
     style = list_images(args.style_refs, what="style reference")

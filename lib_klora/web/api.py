@@ -16,6 +16,7 @@ produce a 500. Routes return plain ``JSONResponse`` objects (no ``response_model
 FastAPI 0.94 + pydantic 1.10 (A1111) and FastAPI 0.112+ + pydantic 2 (Forge).
 """
 
+import asyncio
 import base64
 import binascii
 import io
@@ -31,6 +32,7 @@ try:  # pydantic 2 ships the v1 API as pydantic.v1; A1111 has pydantic 1.10 itse
 except ImportError:  # pragma: no cover - depends on the installed pydantic
     from pydantic import BaseModel, Extra, StrictBool, StrictStr, ValidationError, conint  # type: ignore
 
+from lib_klora.fusion.options import MAX_STEPS
 from lib_klora.params.model import KLoraParams
 from lib_klora.params.prompt_tag import (
     HIRES_PAIR_RULE,
@@ -53,7 +55,7 @@ DEFAULT_SCRIPT_TITLE = "K-LoRA"
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 PROMPT_FIELDS = ("prompt", "hr_prompt")  # the host parses extra-network tags in these (not the negatives)
 ROUTE_PREFIX = "/klora/v1"
-MAX_PLAN_STEPS = 1000
+MAX_PLAN_STEPS = MAX_STEPS
 
 
 class RequestRejected(ValueError):
@@ -89,8 +91,29 @@ def _args_params(key: str, entry: Any) -> KLoraParams | None:
 def _check_names(params: KLoraParams, resolve_lora: Callable[[str], bool], where: str) -> None:
     for field in ("subject", "style"):
         name = getattr(params, field, None)
-        if isinstance(name, str) and name.strip() and not resolve_lora(name):
+        if not (isinstance(name, str) and name.strip()):
+            continue
+        try:
+            known = resolve_lora(name)
+        except ValueError as exc:  # a LoRA that exists but can never be used (a pickle): its own message
+            raise RequestRejected(f"{where}: {field}: {exc}") from None
+        if not known:
             raise RequestRejected(f"{where}: {field}: unknown LoRA {name!r}")
+
+
+# (subject name, style name) -> None; raises a ValueError (KLoraError) naming the file that cannot be used.
+CheckLoras = Callable[[str, str], None]
+
+
+def _check_files(params: KLoraParams, check_loras: CheckLoras | None, where: str) -> None:
+    if check_loras is None or not params.subject or not params.style:
+        return
+    try:
+        check_loras(params.subject, params.style)
+    except ValueError as exc:  # LoraFileError / IncompatibleLorasError: they name the file
+        raise RequestRejected(f"{where}: {exc}") from None
+    except OSError as exc:
+        raise RequestRejected(f"{where}: cannot read LoRA: {exc}") from None
 
 
 def validate_generation_request(
@@ -98,11 +121,14 @@ def validate_generation_request(
     *,
     script_title: str = DEFAULT_SCRIPT_TITLE,
     resolve_lora: Callable[[str], bool] | None = None,
+    check_loras: CheckLoras | None = None,
 ) -> bool:
     """Check K-LoRA's part of a txt2img/img2img request body.
 
     Returns False when the request does not involve K-LoRA at all, True when it does and is valid; raises
-    ``RequestRejected`` (a ValueError) with a message naming the field otherwise.
+    ``RequestRejected`` (a ValueError) with a message naming the field otherwise. ``check_loras`` reads the
+    chosen files as the plan route does (corrupt, truncated, NaN/Inf, different base models), so a file
+    that cannot work is a 422 before the job is queued rather than a failure minutes into sampling.
     """
     entries = _find_script_entries(body, script_title)
     found = [(f, find_tags(body[f])) for f in PROMPT_FIELDS if isinstance(body.get(f), str)]
@@ -117,8 +143,11 @@ def validate_generation_request(
             continue
         base = params
         # Only an enabled script touches the LoRAs; a disabled one with a stale name must not block the job.
-        if resolve_lora is not None and getattr(params, "enabled", False):
-            _check_names(params, resolve_lora, f"alwayson_scripts[{key!r}].args")
+        if getattr(params, "enabled", False):
+            where = f"alwayson_scripts[{key!r}].args"
+            if resolve_lora is not None:
+                _check_names(params, resolve_lora, where)
+            _check_files(params, check_loras, where)
 
     first_tag_per_field: dict[str, KLoraParams] = {}
     for field, tags in tagged:
@@ -128,8 +157,10 @@ def validate_generation_request(
                 params = params_from_tag(positional, named, base)
             except ValueError as exc:  # ParamsError: its message starts with the tag as written
                 raise RequestRejected(f"{field}: {exc}") from None
+            where = f"{field}: {format_tag(positional, named)}"
             if resolve_lora is not None:
-                _check_names(params, resolve_lora, f"{field}: {format_tag(positional, named)}")
+                _check_names(params, resolve_lora, where)
+            _check_files(params, check_loras, where)
             first_tag_per_field.setdefault(field, params)
     if not same_loras(*first_tag_per_field.values()):  # the job would stop at its start: say so now
         raise RequestRejected(f"hr_prompt: {HIRES_PAIR_RULE}")
@@ -167,12 +198,14 @@ class KLoraRequestValidator:
         *,
         script_title: str = DEFAULT_SCRIPT_TITLE,
         resolve_lora: Callable[[str], bool] | None = None,
+        check_loras: CheckLoras | None = None,
         authorize: Callable[[Mapping[str, str]], bool] | None = None,
         paths: Iterable[str] = GENERATION_PATHS,
     ) -> None:
         self.app = app
         self.script_title = script_title
         self.resolve_lora = resolve_lora
+        self.check_loras = check_loras
         self.authorize = authorize
         self.paths = tuple(p.rstrip("/") for p in paths)
         # Cheap pre-check: without a JSON \u escape, a body that involves K-LoRA must name the script or the
@@ -207,7 +240,8 @@ class KLoraRequestValidator:
         body = b"".join(chunks)
         del chunks
 
-        error = self._check(scope, body)
+        # Off the event loop: checking the chosen LoRA files reads them.
+        error = await asyncio.get_running_loop().run_in_executor(None, self._check, scope, body)
         if error is not None:
             log.info("K-LoRA: rejected %s: %s", scope.get("path"), error)
             for reply in _json_response_messages(422, {"detail": error}):
@@ -239,7 +273,12 @@ class KLoraRequestValidator:
                 return None  # not JSON: FastAPI answers with its own 422
             if not isinstance(data, dict):
                 return None
-            validate_generation_request(data, script_title=self.script_title, resolve_lora=self.resolve_lora)
+            validate_generation_request(
+                data,
+                script_title=self.script_title,
+                resolve_lora=self.resolve_lora,
+                check_loras=self.check_loras,
+            )
         except RequestRejected as exc:
             return str(exc)  # already says where: the alwayson_scripts entry or the tag, then the field
         except Exception:  # a bug here must never block generation: fail open, the script re-validates

@@ -7,6 +7,7 @@ import pytest
 from lib_klora.fusion import from_files as engine
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.from_files import plan_from_files
+from lib_klora.fusion.scores import SCORER_VERSION
 from lib_klora.tools.synthetic import make_lora_tensors, write_lora
 from tests.conftest import SMALL_SHAPES
 
@@ -70,7 +71,7 @@ def test_memory_bound(tmp_path: Path) -> None:
 def test_disk_cache_survives_a_new_process(lora_pair, tmp_path: Path, monkeypatch) -> None:
     directory = tmp_path / "cache"
     first = plan_from_files(*lora_pair, cache=ScoreCache(directory=directory))
-    assert any(directory.glob("*-v1.json")) and (directory / "digests.json").is_file()
+    assert any(directory.glob(f"*-v{SCORER_VERSION}.json")) and (directory / "digests.json").is_file()
     _forbid_reading(monkeypatch)  # a fresh cache object, as in a new process: digests and scores from disk
     fresh = ScoreCache(directory=directory)
     again = plan_from_files(*lora_pair, cache=fresh)
@@ -81,7 +82,7 @@ def test_disk_cache_survives_a_new_process(lora_pair, tmp_path: Path, monkeypatc
 def test_corrupt_disk_entry_is_recomputed(lora_pair, tmp_path: Path) -> None:
     directory = tmp_path / "cache"
     plan_from_files(*lora_pair, cache=ScoreCache(directory=directory))
-    for entry in directory.glob("*-v1.json"):
+    for entry in directory.glob(f"*-v{SCORER_VERSION}.json"):
         entry.write_text("{broken")
     fresh = ScoreCache(directory=directory)
     plan_from_files(*lora_pair, cache=fresh)

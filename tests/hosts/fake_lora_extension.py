@@ -15,10 +15,15 @@ v1.10.1 (tag v1.10.1, commit 82a973c), `extensions-builtin/Lora/`:
   L106-227.
 - `network_lora.py`: `ModuleTypeLora` / `NetworkModuleLora` L9-92 (`lyco_helpers.rebuild_conventional`
   inlined).
+- `network_hada.py`, `network_lokr.py`, `network_full.py`: `NetworkModuleHada` (w1a, w1b, dim = w1b rows,
+  w2a, w2b), `NetworkModuleLokr` (w1/w1a/w1b, w2/w2a/w2b, dim = w2b rows else w1b rows, `make_kron`) and
+  `NetworkModuleFull` (`weight` = diff), each with `NetworkModule.finalize_updown`'s reshape, scale and
+  multiplier (no Tucker cores, DoRA or bias).
 
 Deliberate reductions: key matching knows only this file's tiny model (`lora_unet_X` -> `diffusion_model_X`,
-`lora_te_X` -> `transformer_X`, the host's SDXL-style and SD1-TE fallbacks), only kohya LoRA modules exist (no
-LyCORIS, DoRA, MHA, fp8 or inpainting paths), `devices.dtype` is float32 and everything lives on the CPU.
+`lora_te_X` -> `transformer_X`, the host's SDXL-style and SD1-TE fallbacks), kohya LoRA, LoHa, LoKr and
+full modules exist (no DoRA, MHA, fp8 or inpainting paths), `devices.dtype` is float32 and everything lives
+on the CPU.
 Test-only instrumentation: `FakeNetworks.calc_updown_calls` logs every merge `(layer, network name)`.
 """
 
@@ -167,6 +172,93 @@ class NetworkModuleLora:
         return y + self.up_model(self.down_model(x)) * self.multiplier() * self.calc_scale()
 
 
+class NetworkModuleLyco:
+    """`NetworkModule`'s part the LyCORIS types share: alpha/scale, multiplier and `finalize_updown`."""
+
+    def __init__(self, net: Network, weights: NetworkWeights) -> None:
+        self.network = net
+        self.network_key = weights.network_key
+        self.sd_key = weights.sd_key
+        self.sd_module = weights.sd_module
+        self.shape = self.sd_module.weight.shape
+        w = weights.w
+        self.alpha = w["alpha"].item() if "alpha" in w else None
+        self.scale = w["scale"].item() if "scale" in w else None
+        self.dora_scale = None
+        self.dim: int | None = None
+
+    multiplier = NetworkModuleLora.multiplier
+    calc_scale = NetworkModuleLora.calc_scale
+
+    def finalize_updown(self, updown: torch.Tensor, orig_weight: torch.Tensor, output_shape: list) -> tuple:
+        updown = updown.reshape(output_shape)
+        if orig_weight.numel() == updown.numel():
+            updown = updown.reshape(orig_weight.shape)
+        updown = updown * self.calc_scale()
+        return updown * self.multiplier(), None
+
+
+class NetworkModuleHada(NetworkModuleLyco):
+    def __init__(self, net: Network, weights: NetworkWeights) -> None:
+        super().__init__(net, weights)
+        self.w1a, self.w1b = weights.w["hada_w1_a"], weights.w["hada_w1_b"]
+        self.dim = int(self.w1b.shape[0])
+        self.w2a, self.w2b = weights.w["hada_w2_a"], weights.w["hada_w2_b"]
+        self.t1, self.t2 = weights.w.get("hada_t1"), weights.w.get("hada_t2")
+
+    def calc_updown(self, orig_weight: torch.Tensor) -> tuple:
+        output_shape = [self.w1a.size(0), self.w1b.size(1)]
+        updown1 = (self.w1a @ self.w1b.flatten(1)).reshape(output_shape)
+        updown2 = (self.w2a @ self.w2b.flatten(1)).reshape(output_shape)
+        return self.finalize_updown(updown1 * updown2, orig_weight, output_shape)
+
+
+class NetworkModuleLokr(NetworkModuleLyco):
+    def __init__(self, net: Network, weights: NetworkWeights) -> None:
+        super().__init__(net, weights)
+        w = weights.w
+        self.w1, self.w1a, self.w1b = w.get("lokr_w1"), w.get("lokr_w1_a"), w.get("lokr_w1_b")
+        self.dim = int(self.w1b.shape[0]) if self.w1b is not None else self.dim
+        self.w2, self.w2a, self.w2b = w.get("lokr_w2"), w.get("lokr_w2_a"), w.get("lokr_w2_b")
+        self.dim = int(self.w2b.shape[0]) if self.w2b is not None else self.dim
+        self.t2 = w.get("lokr_t2")
+
+    def calc_updown(self, orig_weight: torch.Tensor) -> tuple:
+        w1 = self.w1 if self.w1 is not None else self.w1a @ self.w1b
+        w2 = self.w2 if self.w2 is not None else self.w2a @ self.w2b
+        output_shape = [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+        if len(orig_weight.shape) == 4:
+            output_shape = list(orig_weight.shape)
+        if len(w2.shape) == 4:  # network_lokr.make_kron
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        updown = torch.kron(w1, w2.contiguous()).reshape(output_shape)
+        return self.finalize_updown(updown, orig_weight, output_shape)
+
+
+class NetworkModuleFull(NetworkModuleLyco):
+    def __init__(self, net: Network, weights: NetworkWeights) -> None:
+        super().__init__(net, weights)
+        self.weight = weights.w["diff"]
+
+    def calc_updown(self, orig_weight: torch.Tensor) -> tuple:
+        return self.finalize_updown(self.weight.clone(), orig_weight, list(self.weight.shape))
+
+
+def _module_type(w: Mapping[str, torch.Tensor]) -> type | None:
+    """networks.module_types in the host's order: the first type whose create_module accepts the keys."""
+    if all(part in w for part in ("lora_up.weight", "lora_down.weight")):
+        return NetworkModuleLora
+    if all(part in w for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")):
+        return NetworkModuleHada
+    has_1 = "lokr_w1" in w or ("lokr_w1_a" in w and "lokr_w1_b" in w)
+    has_2 = "lokr_w2" in w or ("lokr_w2_a" in w and "lokr_w2_b" in w)
+    if has_1 and has_2:
+        return NetworkModuleLokr
+    if "diff" in w:
+        return NetworkModuleFull
+    return None
+
+
 class FakeNetworkModule(types.ModuleType):
     """What `sys.modules["network"]` holds: the classes other extensions subclass (K-LoRA's slots)."""
 
@@ -260,11 +352,12 @@ class FakeNetworks(types.ModuleType):
                 matched[key] = NetworkWeights(network_key=key_network, sd_key=key, w={}, sd_module=sd_module)
             matched[key].w[part] = weight
         for key, weights in matched.items():
-            if not all(part in weights.w for part in ("lora_up.weight", "lora_down.weight")):
+            module_type = _module_type(weights.w)
+            if module_type is None:
                 raise AssertionError(
                     f"Could not find a module type that would accept those keys: {list(weights.w)}"
                 )
-            net.modules[key] = NetworkModuleLora(net, weights)
+            net.modules[key] = module_type(net, weights)
         self.keys_failed_to_match = failed
         return net
 

@@ -10,8 +10,9 @@ Written from scratch (no host code copied); each piece reproduces the interface 
   -> `Packed4BitLinear`; `backend/operations_gguf.py` `ParameterGGUF` (`real_shape`) -> `GGUFLinear`;
   `backend/patcher/lora.py` `load_lora` (-> (patch_dict, remaining)), `model_lora_keys_unet`,
   `model_lora_keys_clip`, `merge_lora_to_weight`, and `packages_3rdparty/comfyui_lora_collection/lora.py`
-  (`load_lora`'s value formats ("lora", (up, down, alpha, mid, dora_scale)), ("loha", ...), ("diff", (w,)),
-  ("set", (w,)); the kohya key map "lora_unet_<path_with_underscores>" -> "diffusion_model.<path>.weight");
+  (`load_lora`'s value formats ("lora", (up, down, alpha, mid, dora_scale)), ("loha", ...),
+  ("lokr", (w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora_scale)), ("diff", (w,)), ("set", (w,)); the
+  kohya key map "lora_unet_<path_with_underscores>" -> "diffusion_model.<path>.weight");
   `backend/patcher/base.py` `ModelPatcher.clone` / `add_patches` (tuple keys (param, offset[, function])) /
   `set_model_sampler_post_cfg_function` -> `ForgeUnetPatcher`, `ForgeClipPatcher`; `backend/utils.py`
   `get_attr`, `load_torch_file`.
@@ -26,7 +27,8 @@ Written from scratch (no host code copied); each piece reproduces the interface 
   `lib_klora.hosts.webui` and `lib_klora.hosts.forge` touch at import time and in the tested functions.
 
 Deliberate reductions: no diffusers/FLUX key conversion (a model may list its fused-layer keys explicitly in
-`FUSED_KEYS`), no LoKr/GLoRA/OFT, no Tucker cores for LoHa, no online LoRA / memory management, CPU only.
+`FUSED_KEYS`), no GLoRA/OFT, no Tucker cores for LoHa/LoKr, no LoKr in reForge, no online LoRA / memory
+management, CPU only.
 """
 
 from __future__ import annotations
@@ -308,6 +310,22 @@ def _apply_loha(weight, w1a, w1b, alpha, w2a, w2b, strength, function):
     return weight
 
 
+def _apply_lokr(weight, w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, strength, function):
+    dim = None
+    if w1 is None:
+        dim = w1_b.shape[0]
+        w1 = torch.mm(w1_a.float(), w1_b.float())
+    if w2 is None:
+        dim = w2_b.shape[0]
+        w2 = torch.mm(w2_a.float(), w2_b.float())
+    if len(w2.shape) == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    diff = torch.kron(w1.float(), w2.float()).reshape(weight.shape)
+    weight += function((strength * scale) * diff).to(weight.dtype)
+    return weight
+
+
 def _collect(lora: Mapping[str, torch.Tensor], x: str, loaded: set[str]) -> dict[str, Any]:
     """The tensors of LoRA stem `x` in the formats both loaders read (kohya, PEFT A/B, LoHa, diff, set)."""
 
@@ -329,6 +347,9 @@ def _collect(lora: Mapping[str, torch.Tensor], x: str, loaded: set[str]) -> dict
             break
     if f"{x}.hada_w1_a" in lora:
         found["loha"] = tuple(take(f"{x}.hada_{n}") for n in ("w1_a", "w1_b", "w2_a", "w2_b"))
+    lokr_names = ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b", "t2")
+    if any(f"{x}.lokr_{n}" in lora for n in lokr_names):
+        found["lokr"] = tuple(take(f"{x}.lokr_{n}") for n in lokr_names)
     for kind in ("diff", "diff_b", "set_weight", "reshape_weight"):
         value = take(f"{x}.{kind}")
         if value is not None:
@@ -352,6 +373,9 @@ def forge_load_lora(lora: Mapping[str, torch.Tensor], to_load: Mapping[str, Any]
         if "loha" in found:
             w1a, w1b, w2a, w2b = found["loha"]
             patch_dict[target] = ("loha", (w1a, w1b, alpha, w2a, w2b, None, None, dora))
+        if "lokr" in found:
+            w1, w2, w1_a, w1_b, w2_a, w2_b, t2 = found["lokr"]
+            patch_dict[target] = ("lokr", (w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora))
         if "diff" in found:
             patch_dict[target] = ("diff", (found["diff"],))
         if "diff_b" in found:
@@ -385,6 +409,8 @@ def merge_lora_to_weight(
             weight = _apply_lora(weight, *v, strength, function)
         elif kind == "loha":
             weight = _apply_loha(weight, *v[:5], strength, function)
+        elif kind == "lokr":
+            weight = _apply_lokr(weight, *v[:7], strength, function)
         else:
             raise ValueError(f"patch type {kind!r} is not in this stand-in")
         if offset is not None:
@@ -514,7 +540,8 @@ class FakeNetworks(types.ModuleType):
     def list_available_networks(self) -> None:
         self.available_networks.clear()
         self.available_network_aliases.clear()
-        for file in sorted(self.lora_dir.glob("*.safetensors")):
+        listed = (".pt", ".ckpt", ".safetensors")  # the host's allowed_extensions for LoRAs
+        for file in sorted(f for f in self.lora_dir.iterdir() if f.suffix in listed):
             entry = NetworkOnDisk(file.stem, str(file), file.stem)
             self.available_networks[file.stem] = entry
             self.available_network_aliases[file.stem] = entry

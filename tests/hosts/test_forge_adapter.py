@@ -8,6 +8,7 @@ expected value is computed from the LoRA tensors (see `patcher_fixtures`), never
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 from collections.abc import Iterator
@@ -626,3 +627,38 @@ def test_process_stops_the_job_when_preparing_the_loras_fails(
     assert p.comments == ["K-LoRA could not prepare the LoRAs: RuntimeError: key map exploded"]
     with pytest.raises(Exception, match="key map exploded"):  # the job ends before any sampling
         p.sample()
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncated", "pickle"])
+@pytest.mark.parametrize("host", HOSTS)
+def test_process_refuses_an_unusable_lora_file_before_the_hosts_loader_reads_it(
+    webui: FakeWebUI, host_model: Host, host: str, damage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan route's file checks at the job's start: the message names the file, the host's loader (which
+    renames a corrupt file on Forge) never sees it, nothing is sampled and the file is unchanged."""
+    forge = webui.forge
+    forge.register_callbacks(host)
+    write_loras(webui, host_model)
+    style = webui.networks.lora_dir / "style.safetensors"
+    tensors = lora_file_tensors(host_model.loras[1])
+    if damage == "nan":
+        next(iter(tensors.values()))[0] = float("nan")
+        save_file(tensors, str(style))
+    elif damage == "truncated":
+        style.write_bytes(style.read_bytes()[:-7])
+    else:
+        style.unlink()
+        torch.save(tensors, str(webui.networks.lora_dir / "style.pt"))
+        webui.networks.list_available_networks()
+    files = {path: path.read_bytes() for path in webui.networks.lora_dir.iterdir()}
+    monkeypatch.setattr(forge.API, "load_file", lambda *_: pytest.fail("the host's loader ran"))
+    p = make_p(host, host_model)
+    p.prompt, p.all_prompts, p.enable_hr = "a dog", ["a dog"], False
+    forge.KLoraScript().process(p, params().to_dict())
+    assert p._klora is None and len(p.comments) == 1
+    expected = {"nan": "style.safetensors.*NaN or Inf", "truncated": "style.safetensors.*truncated"}
+    expected["pickle"] = "style.pt' is a pickle checkpoint"
+    assert re.search(expected[damage], p.comments[0]), p.comments[0]
+    with pytest.raises(Exception, match=re.escape(p.comments[0])):
+        p.sample()
+    assert {path: path.read_bytes() for path in webui.networks.lora_dir.iterdir()} == files

@@ -420,3 +420,34 @@ def test_detect_from_parsed_kohya_compvis_sdxl_file() -> None:
     parsed = parse_lora_key("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v.lora_down.weight")
     assert parsed is not None
     assert detect_base_architecture({parsed.canonical: 2048}, None) == "sdxl"
+
+
+@pytest.mark.parametrize(
+    ("key", "canonical", "part"),
+    [
+        (  # OneTrainer FLUX
+            "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight",
+            "transformer:single_transformer_blocks_0_attn_to_q",
+            "down",
+        ),
+        (  # LyCORIS' own prefix on a UNet: the path tells the component
+            "lycoris_down_blocks_0_attentions_0_proj_in.hada_w1_a",
+            "unet:down_blocks_0_attentions_0_proj_in",
+            "hada_w1_a",
+        ),
+        (  # ... and on a FLUX transformer (SimpleTuner)
+            "lycoris_single_transformer_blocks_0_attn_to_q.lokr_w2_b",
+            "transformer:single_transformer_blocks_0_attn_to_q",
+            "lokr_w2_b",
+        ),
+        (
+            "double_blocks.0.processor.qkv_lora1.down.weight",
+            "unet:double_blocks_0_processor_qkv_lora1",
+            "down",
+        ),
+        ("single_blocks.3.processor.proj_lora.up.weight", "unet:single_blocks_3_processor_proj_lora", "up"),
+    ],
+)
+def test_trainer_prefixes_and_xlabs_keys(key: str, canonical: str, part: str) -> None:
+    parsed = parse_lora_key(key)
+    assert parsed is not None and (parsed.canonical, parsed.part) == (canonical, part)

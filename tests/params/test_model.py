@@ -768,3 +768,25 @@ def test_model_names_accept_both_separators() -> None:
     for bad in ("ViT-B-32", "hf-hub:laion/CLIP-ViT-B-32", "a:b:c"):  # weights are always named
         with pytest.raises(ParamsError, match="not a model name"):
             enabled(clip_model=bad)
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "1", "0", 1, 0, 1.0, "maybe", "y", "t"])
+@pytest.mark.parametrize("field", ["enabled", "show_map", "kl_per_sample", "kl_hybrid", "guidance"])
+def test_booleans_are_strict_on_every_route(field: str, value: object) -> None:
+    """Only a bool, or true/false (and the on/off that infotexts and X/Y/Z write) in text: pydantic v1's
+    coercion of "yes"/1 never runs, the API dict and the tag agree."""
+    with pytest.raises(ParamsError, match=f"{field}.*must be true or false"):
+        KLoraParams.from_any([{field: value, "subject": "a", "style": "b"}])
+    if isinstance(value, str) and value and field != "enabled":  # a tag always enables
+        from lib_klora.params.prompt_tag import params_from_tag
+
+        with pytest.raises(ParamsError, match="must be true or false"):
+            params_from_tag(["a", "b"], {field: value}, KLoraParams())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("true", True), ("FALSE", False), ("on", True), ("off", False)]
+)
+def test_boolean_words_in_text(text: str, expected: bool) -> None:
+    assert KLoraParams.from_any([{"show_map": text}]).show_map is expected
+    assert KLoraParams.from_any([{"show_map": expected}]).show_map is expected

@@ -248,7 +248,7 @@ def test_params_from_prompt_uses_base() -> None:
 
 def test_dynamic_and_guidance_keys() -> None:
     p = tag(
-        "<klora:dog:ink:method=dynamic:kl_temperature=2:kl_direction=symmetric:kl_per_sample=on:kl_hybrid=1"
+        "<klora:dog:ink:method=dynamic:kl_temperature=2:kl_direction=symmetric:kl_per_sample=on:kl_hybrid=true"
         ":guidance=on:guidance_text=0.5:eta=0.1:guidance_start=0.2:guidance_end=0.7:guidance_every=2"
         ":guidance_iters=2:guidance_decoder=vae:clip=ViT-L-14/openai:dino=vit_base_patch16_224.dino>"
     )

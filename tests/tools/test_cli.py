@@ -87,4 +87,49 @@ def test_bad_steps_is_a_usage_error(lora_pair) -> None:
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2 and "--steps must be a positive integer" in result.stderr
+    assert result.returncode == 2 and "--steps must be an integer from 1 to 1000" in result.stderr
+
+
+def test_steps_have_the_apis_limit(lora_pair, capsys) -> None:
+    import pytest
+
+    for steps in ("0", "1001", "1000000000"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", *map(str, lora_pair), "--steps", steps])
+        assert exit_info.value.code == 2
+        assert "--steps must be an integer from 1 to 1000" in capsys.readouterr().err
+    assert main(["plan", *map(str, lora_pair), "--steps", "1000", "--quiet"]) == 0
+
+
+def test_eval_offline_without_weights_dir_names_the_flag(tmp_path: Path, capsys) -> None:
+    (tmp_path / "refs").mkdir()
+    code = main(
+        ["eval", "--offline", "--subject-refs", str(tmp_path / "refs"), "--style-refs", str(tmp_path)]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--offline needs --weights-dir DIR" in err and "weights_dir" not in err.replace(
+        "--weights-dir", ""
+    )
+
+
+def test_plan_reads_a_lycoris_style_loha_pair(tmp_path: Path, capsys) -> None:
+    """The CLI reads LoHa files (it refused them with "no 'up' weight") and prints K-LoRA's summary."""
+    import torch
+    from safetensors.torch import save_file
+
+    paths = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+        tensors = {
+            f"{stem}.hada_w{h}_{p}": torch.randn(*s, generator=g)
+            for h in "12"
+            for p, s in (("a", (32, 2)), ("b", (2, 32)))
+        }
+        tensors[f"{stem}.alpha"] = torch.tensor(2, dtype=torch.int64)
+        paths.append(tmp_path / f"loha{seed}.safetensors")
+        save_file(tensors, str(paths[-1]))
+    assert main(["plan", *map(str, paths), "--steps", "4", "--json", "-"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["layers"][0]["k"] == 16  # LoHa rank bound 2·2 per LoRA, K = 4·4

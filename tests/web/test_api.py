@@ -604,3 +604,11 @@ def test_version_route_names_the_host_when_given() -> None:
     api.register_routes(app, version="1.2.3", plan_for_names=lambda *a: None, host="forge")
     with testclient.TestClient(app) as client:
         assert client.get("/klora/v1/version").json() == {"version": "1.2.3", "host": "forge"}
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "1", "maybe"])
+def test_booleans_in_the_api_dict_are_strict(client: Any, received: list[bytes], value: Any) -> None:
+    """pydantic v1 would coerce "yes" and 1 to True; the validator answers 422 naming the field."""
+    message = detail(post_json(client, TXT2IMG, request_body([{**VALID_ARGS, "enabled": value}])))
+    assert "enabled" in message and "must be true or false" in message
+    assert received == []
