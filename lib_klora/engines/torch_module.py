@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ from lib_klora.fusion.scores import ScoreTable
 from lib_klora.fusion.selection_map import render_selection_map
 from lib_klora.guidance.refine import Decode
 from lib_klora.guidance.run import GuidanceModels, GuidanceRun
-from lib_klora.loras.lora_file import LowRankModule, read_lora_file
+from lib_klora.loras.lora_file import read_lora_file
 from lib_klora.params.fields import MAX_NAME_LENGTH
 from lib_klora.params.model import KLoraParams
 
@@ -121,15 +121,31 @@ class _Hook:
     row: int | None = None
 
 
-def _branch(module: LowRankModule, target: Target, strength: float) -> LowRankBranch:
-    up, down = module.factors()  # fp32, alpha/rank folded in (and a CP core)
-    up = up[target.lora_start : target.lora_start + target.size]
+def _pieces(module: Any) -> list[tuple[int, Any]] | None:
+    """(first row, low-rank module) pieces of a LoRA layer (a FLUX layer the reader assembled from row
+    slices has several); None when a piece has no plain low-rank form."""
+    pieces = list(getattr(module, "slices", None) or [(0, module)])
+    return pieces if all(callable(getattr(piece, "factors", None)) for _, piece in pieces) else None
+
+
+def _branches(module: Any, target: Target, strength: float) -> list[tuple[LowRankBranch, Target]]:
+    """The target's share of the layer's delta: one branch per piece whose rows overlap the target's."""
     conv = ConvSpec.of(target.module) if isinstance(target.module, nn.Conv2d) else None
     dtype = compute_dtype(target.module)
-    return LowRankBranch(up.to(dtype), down.to(dtype), strength, conv=conv)
+    out = []
+    for offset, piece in _pieces(module) or []:
+        low = max(target.lora_start, offset)
+        high = min(target.lora_start + target.size, offset + piece.out_features)
+        if low >= high:
+            continue
+        up, down = piece.factors()  # fp32, alpha/rank folded in (and a CP core)
+        up = up[low - offset : high - offset]
+        part = replace(target, start=target.start + low - target.lora_start, size=high - low, lora_start=low)
+        out.append((LowRankBranch(up.to(dtype), down.to(dtype), strength, conv=conv), part))
+    return out
 
 
-def _in_features_fit(module: LowRankModule, target: Target) -> bool:
+def _in_features_fit(module: Any, target: Target) -> bool:
     """The LoRA's down factor reads what the module reads (a grouped conv: one group's inputs)."""
     return module.in_features == int(target.module.weight[0].numel())
 
@@ -242,7 +258,8 @@ class ModuleFusion:
                     self.skipped.append(canonical)
                     continue
                 targets = index.resolve(canonical, module.out_features)
-                if not targets or not all(_in_features_fit(module, t) for t in targets):
+                fits = targets and _pieces(module) is not None
+                if not fits or not all(_in_features_fit(module, t) for t in targets):
                     self.skipped.append(canonical)
                     continue
                 row = rows.get(canonical) if not is_te else None
@@ -250,7 +267,7 @@ class ModuleFusion:
                     # A text-encoder layer both LoRAs adapt gets one hook per LoRA (each always on).
                     key = f"{target.name}|{canonical}" + (f"|{which}" if is_te else "")
                     hook = (text if is_te else denoiser).setdefault(key, _Hook(target.module, row=row))
-                    hook.parts[which].append((_branch(module, target, strengths[which]), target))
+                    hook.parts[which].extend(_branches(module, target, strengths[which]))
         self.skipped = sorted(set(self.skipped))
         return denoiser, text
 
