@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib_klora.tools.world.train", description=__doc__)
     ap.add_argument("--all", action="store_true", help="train everything (base, LoRAs, judges, encoder)")
     ap.add_argument("--base", action="store_true", help="train the base model")
+    ap.add_argument("--loras", action="store_true", help="train the six LoRAs on the saved base")
+    ap.add_argument("--judges", action="store_true", help="train the two judges")
+    ap.add_argument("--encoder", action="store_true", help="train the contrastive image encoder")
     ap.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, reproducible)")
     ap.add_argument("--base-steps", type=int, default=DiffusionTrain.steps, help="base training steps")
@@ -199,6 +202,40 @@ def main(argv: list[str] | None = None) -> int:
                 for n in ("base_unet.safetensors", "base_text_encoder.safetensors")
             },
         }
+        save_manifest(manifest, args.out)
+    if args.all or args.loras:
+        from .lora import DEFAULT_LORAS, LoraTrain, save_lora, spec_dict, train_lora
+        from .model import load_world
+
+        unet, te, _, _ = load_world(args.out)
+        loras = {}
+        for i, spec in enumerate(DEFAULT_LORAS):
+            tc = LoraTrain()
+            sd, stats = train_lora(unet, te, spec, tc, args.seed + 1000 + i, log=log)
+            path = save_lora(sd, spec, args.out)
+            loras[spec.name] = {
+                "spec": spec_dict(spec),
+                "train": tc.__dict__,
+                "seed": args.seed + 1000 + i,
+                **stats,
+                "file": path.name,
+                **file_entry(path),
+            }
+            log(f"lora {spec.name}: {stats}")
+        manifest = load_manifest(args.out)
+        manifest["loras"] = loras
+        manifest["loras_command"] = cmd
+        save_manifest(manifest, args.out)
+    if args.all or args.judges:
+        from .judges import train_judges
+
+        stats = train_judges(args.out, args.seed, log=log)
+        stats["command"] = cmd
+        stats["files"] = {
+            n: file_entry(args.out / n) for n in ("judge_object.safetensors", "judge_style.safetensors")
+        }
+        manifest = load_manifest(args.out)
+        manifest["judges"] = stats
         save_manifest(manifest, args.out)
     return 0
 
