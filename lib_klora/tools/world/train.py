@@ -100,6 +100,7 @@ def train_base(
     out_dir: Path | None = WEIGHTS,
     log_every: int = 50,
     checkpoint_every: int = 500,
+    stop_at: int | None = None,
 ) -> dict:
     """Train the base UNet + text encoder on generic objects × generic styles; returns stats."""
     torch.manual_seed(seed)
@@ -131,7 +132,9 @@ def train_base(
         save_module(u2, out_dir / f"base_unet{tag}.safetensors")
         save_module(t2, out_dir / f"base_text_encoder{tag}.safetensors")
 
-    for step in range(tc.steps):
+    # ``stop_at`` ends early on the same schedule: the weights equal the run's checkpoint at that step.
+    n_steps = min(stop_at or tc.steps, tc.steps)
+    for step in range(n_steps):
         for g in opt.param_groups:
             g["lr"] = tc.lr * _lr_at(step, tc.steps, tc.warmup)
         idx = torch.randint(0, tc.n_images, (tc.batch,), generator=gen)
@@ -160,13 +163,15 @@ def train_base(
         if (step + 1) % log_every == 0 or step == 0:
             el = time.time() - t_start
             log(f"base step {step + 1}/{tc.steps} loss {run:.4f} ({el:.0f}s, {el / (step + 1):.2f}s/step)")
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < tc.steps:
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
             write("_ckpt")
     write()
     return {
+        "losses": losses,
         "losses_first_last": [float(np.mean(losses[:50])), float(np.mean(losses[-50:]))],
         "train_seconds": round(time.time() - t_start, 1),
-        "steps": tc.steps,
+        "steps_done": n_steps,
+        "schedule_steps": tc.steps,
         "batch": tc.batch,
     }
 
@@ -181,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, reproducible)")
     ap.add_argument("--base-steps", type=int, default=DiffusionTrain.steps, help="base training steps")
+    ap.add_argument(
+        "--base-stop-at", type=int, default=None, help="stop the base run at this step (same schedule)"
+    )
     ap.add_argument("--out", type=Path, default=WEIGHTS, help="weights folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.all or args.base:
         cfg = WorldConfig()
         tc = DiffusionTrain(steps=args.base_steps)
-        stats = train_base(cfg, tc, args.seed, args.out)
+        stats = train_base(cfg, tc, args.seed, args.out, stop_at=args.base_stop_at)
+        stats.pop("losses")
         manifest["base"] = {
             "config": cfg.to_dict(),
             "train": tc.__dict__,
@@ -236,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         manifest = load_manifest(args.out)
         manifest["judges"] = stats
+        save_manifest(manifest, args.out)
+    if args.all or args.encoder:
+        from .encoder import train_encoder
+
+        stats = train_encoder(args.out, args.seed + 7, log=log)
+        stats["command"] = cmd
+        stats["files"] = {"image_encoder.safetensors": file_entry(args.out / "image_encoder.safetensors")}
+        manifest = load_manifest(args.out)
+        manifest["encoder"] = stats
         save_manifest(manifest, args.out)
     return 0
 
