@@ -3,13 +3,14 @@
 A diffusers ``UNet2DConditionModel`` (ResBlocks + transformer blocks with attn1/attn2/ff, cross-attention
 to the text) on 32×32 RGB seen through a lossless 2×2 space-to-depth (16×16×12 "latents", no VAE), a small
 transformers ``CLIPTextModel`` fed by an offline word-level tokenizer over the world's vocabulary, a DDPM
-schedule for training and a DDIM sampler with batched classifier-free guidance.
+schedule for training and an ancestral DDPM sampler (20–30 steps) with batched classifier-free guidance.
 
 diffusers and transformers are imported here only (they are optional for the rest of lib_klora).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -139,13 +140,31 @@ def train_scheduler(cfg: WorldConfig | None = None):
 
 
 def sample_scheduler(cfg: WorldConfig | None = None):
+    """DDPM ancestral sampling on 20–30 "trailing" steps, x0 clipped to the data range.
+
+    Measured on the trained world: the stochastic sampler corrects the small model's errors, where DDIM (η=0)
+    keeps residual noise; without x0 clipping the first step (α≈0 on the cosine schedule) blows up.
+    """
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=(cfg or WorldConfig()).train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=True,
+        timestep_spacing="trailing",
+    )
+
+
+def ddim_scheduler(cfg: WorldConfig | None = None):
+    """Deterministic DDIM (η=0) alternative."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
         num_train_timesteps=(cfg or WorldConfig()).train_timesteps,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="epsilon",
-        clip_sample=True,  # data in [-1, 1]: clip x0 (the cosine schedule ends near α=0)
+        clip_sample=True,
         set_alpha_to_one=True,
         timestep_spacing="trailing",
     )
@@ -178,10 +197,19 @@ def to_model(images, patch: int = 2) -> torch.Tensor:
     return torch.nn.functional.pixel_unshuffle(t, patch) if patch > 1 else t
 
 
-def initial_noise(seeds: Sequence[int], patch: int = 2) -> torch.Tensor:
+def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: initial noise and sampler noise come from the image's own seed."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def initial_noise(seeds_or_generators, patch: int = 2) -> torch.Tensor:
     """Per-image initial noise from its own seed (an image does not depend on its batch)."""
     shape = (3 * patch * patch, SIZE // patch, SIZE // patch)
-    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    gens = [
+        g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g))
+        for g in seeds_or_generators
+    ]
+    return torch.stack([torch.randn(*shape, generator=g) for g in gens])
 
 
 @torch.no_grad()
@@ -199,7 +227,7 @@ def sample(
     scheduler=None,
     return_model_space: bool = False,
 ) -> torch.Tensor:
-    """DDIM sampling with classifier-free guidance, uncond and cond in one batched UNet call per step.
+    """Sampling with classifier-free guidance, uncond and cond in one batched UNet call per step.
 
     ``step_callback(step_index, total_steps)`` runs once per sampler step, before that step's UNet call.
     Each image's initial noise comes from its own seed, so an image does not depend on its batch.
@@ -216,7 +244,8 @@ def sample(
     uncond = encode_text(text_encoder, [negative_prompt] * n, tokenizer)
     context = torch.cat([uncond, cond]).to(device, dtype)
     patch = patch_of(unet)
-    x = initial_noise(seeds, patch).to(device, dtype)
+    gens = seed_generators(seeds)
+    x = initial_noise(gens, patch).to(device, dtype)
     x = x * sched.init_noise_sigma
     total = len(sched.timesteps)
     for i, t in enumerate(sched.timesteps):
@@ -226,7 +255,10 @@ def sample(
         eps = unet(inp, t, encoder_hidden_states=context).sample
         e_u, e_c = eps.chunk(2)
         eps = e_u + cfg * (e_c - e_u)
-        x = sched.step(eps, t, x).prev_sample
+        if "generator" in inspect.signature(sched.step).parameters:
+            x = sched.step(eps, t, x, generator=gens).prev_sample
+        else:
+            x = sched.step(eps, t, x).prev_sample
     return x if return_model_space else to_pixels(x.float(), patch)
 
 

@@ -108,7 +108,13 @@ def measure(
         "world_valid": min(figures[k] for k in high),
         "unseen_max": max(figures[k] for k in low),
         "passed": all(figures[k] >= BAR_HIGH for k in high) and all(figures[k] <= BAR_LOW for k in low),
-        "protocol": {"seeds": n_seeds, "seed0": seed0, "steps": steps, "cfg": cfg, "sampler": "DDIM"},
+        "protocol": {
+            "seeds": n_seeds,
+            "seed0": seed0,
+            "steps": steps,
+            "cfg": cfg,
+            "sampler": "DDPM ancestral, trailing, x0 clipped",
+        },
         "seconds": round(time.time() - t0, 1),
     }
     if grid is not None:
