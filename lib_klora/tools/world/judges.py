@@ -62,14 +62,17 @@ def to_input(images) -> torch.Tensor:
 
 
 def _degrade(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Light degradations a generated image may show: blur, noise, brightness."""
-    if rng.random() < 0.4:
-        pil = R.to_pil(img).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.8))))
-        img = np.asarray(pil, dtype=np.float32) / 255.0
+    """Degradations a small model's image may show: blur, washed-out colour, a colour cast, noise."""
     if rng.random() < 0.6:
-        img = img + rng.normal(0, rng.uniform(0.01, 0.06), img.shape).astype(np.float32)
-    if rng.random() < 0.3:
-        img = img + np.float32(rng.uniform(-0.05, 0.05))
+        pil = R.to_pil(img).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
+        img = np.asarray(pil, dtype=np.float32) / 255.0
+    if rng.random() < 0.4:  # washed out towards a random grey
+        t = np.float32(rng.uniform(0.0, 0.25))
+        img = (1 - t) * img + t * np.float32(rng.uniform(0.4, 0.8))
+    if rng.random() < 0.4:  # colour cast
+        img = img + rng.uniform(-0.06, 0.06, 3).astype(np.float32)
+    if rng.random() < 0.6:
+        img = img + rng.normal(0, rng.uniform(0.01, 0.08), img.shape).astype(np.float32)
     return np.clip(img, 0, 1).astype(np.float32)
 
 
@@ -128,7 +131,7 @@ def judge_data(n: int, seed: int, reject_share: float = 0.15, degrade: bool = Tr
 
 @dataclass
 class JudgeTrain:
-    n_train: int = 20000
+    n_train: int = 16000
     n_test: int = 3000
     epochs: int = 5
     batch: int = 128

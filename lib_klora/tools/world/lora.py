@@ -38,9 +38,9 @@ class LoraSpec:
 
 @dataclass
 class LoraTrain:
-    steps: int = 400
+    steps: int = 300
     batch: int = 16
-    lr: float = 2e-3
+    lr: float = 4e-3
     n_images: int = 30
     min_snr: float = 5.0
 
