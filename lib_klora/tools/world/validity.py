@@ -11,6 +11,7 @@ the manifest (``--no-record`` to leave it alone).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,95 @@ def _prompts_generic(n: int) -> list[str]:
     return [R.caption(*combos[i % len(combos)]) for i in range(n)]
 
 
+def generate(
+    weights_dir: Path | None = None,
+    n_seeds: int = 72,
+    steps: int = 25,
+    cfg: float = 4.0,
+    seed0: int = 10_000,
+    log=None,
+) -> dict[str, dict]:
+    """The validity images: {group: {"model", "prompts", "images"}} (base groups and one per LoRA)."""
+    unet, te, tok, _ = load_world(weights_dir)
+    wdir = Path(weights_dir) if weights_dir else Path(__file__).parent / "weights"
+    seeds = list(range(seed0, seed0 + n_seeds))
+    t0 = time.time()
+    groups: dict[str, dict] = {}
+
+    def run(name: str, model, prompts: list[str], model_name: str) -> None:
+        imgs = sample(model, te, prompts, seeds, steps=steps, cfg=cfg, tokenizer=tok).numpy()
+        imgs = np.round(imgs * 255.0) / 255.0  # judged as 8-bit images, like a saved PNG
+        groups[name] = {"model": model_name, "prompts": prompts, "images": imgs}
+        if log:
+            log(f"{name}: {len(prompts)} images ({time.time() - t0:.0f}s)")
+
+    run("base_generic", unet, _prompts_generic(n_seeds), "base")
+    for token in R.SUBJECTS:
+        run(f"base_subject_{token}", unet, _prompts_subject(token, n_seeds), "base")
+    for token in R.UNSEEN_STYLES:
+        run(f"base_style_{token}", unet, _prompts_style(token, n_seeds), "base")
+    for spec in DEFAULT_LORAS:
+        model = merged_unet(unet, wdir / f"{spec.name}.safetensors")
+        prompts = (
+            _prompts_subject(spec.token, n_seeds)
+            if spec.kind == "subject"
+            else _prompts_style(spec.token, n_seeds)
+        )
+        run(spec.name, model, prompts, spec.name)
+    return groups
+
+
+def score(groups: dict[str, dict], judges: Judges) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    seen = {}
+    for name, g in groups.items():
+        objs, stys = judges(g["images"])
+        truth = [R.parse_caption(p) for p in g["prompts"]]
+        seen[name] = (objs, stys, truth)
+    objs, stys, truth = seen["base_generic"]
+    figures["base_object"] = _share(objs, [t[0] for t in truth])
+    figures["base_style"] = _share(stys, [t[1] for t in truth])
+    figures["base_unseen_subject"] = max(
+        _share(seen[f"base_subject_{k}"][0], [k] * len(seen[f"base_subject_{k}"][0])) for k in R.SUBJECTS
+    )
+    figures["base_unseen_style"] = max(
+        _share(seen[f"base_style_{k}"][1], [k] * len(seen[f"base_style_{k}"][1])) for k in R.UNSEEN_STYLES
+    )
+    for spec in DEFAULT_LORAS:
+        objs, stys, truth = seen[spec.name]
+        if spec.kind == "subject":
+            figures[spec.name] = _share(objs, [t[0] for t in truth])
+            figures[f"{spec.name}_style"] = _share(stys, [t[1] for t in truth])
+        else:
+            figures[spec.name] = _share(stys, [t[1] for t in truth])
+            figures[f"{spec.name}_object"] = _share(objs, [t[0] for t in truth])
+    return figures
+
+
+def summarize(figures: dict[str, float], protocol: dict) -> dict:
+    high = ["base_object", "base_style", *[s.name for s in DEFAULT_LORAS]]
+    low = ["base_unseen_subject", "base_unseen_style"]
+    return {
+        "figures": figures,
+        "world_valid": min(figures[k] for k in high),
+        "unseen_max": max(figures[k] for k in low),
+        "passed": all(figures[k] >= BAR_HIGH for k in high) and all(figures[k] <= BAR_LOW for k in low),
+        "protocol": protocol,
+    }
+
+
+def save_groups(groups: dict[str, dict], path: Path) -> None:
+    arrays = {f"{k}__images": np.round(g["images"] * 255).astype(np.uint8) for k, g in groups.items()}
+    meta = {k: {"model": g["model"], "prompts": g["prompts"]} for k, g in groups.items()}
+    np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load_groups(path: Path) -> dict[str, dict]:
+    data = np.load(path)
+    meta = json.loads(str(data["meta"]))
+    return {k: {**m, "images": data[f"{k}__images"].astype(np.float32) / 255.0} for k, m in meta.items()}
+
+
 def measure(
     weights_dir: Path | None = None,
     n_seeds: int = 72,
@@ -52,73 +142,25 @@ def measure(
     seed0: int = 10_000,
     grid: Path | None = None,
     log=None,
+    images_out: Path | None = None,
 ) -> dict:
-    unet, te, tok, _ = load_world(weights_dir)
-    judges = Judges.load(weights_dir)
-    wdir = Path(weights_dir) if weights_dir else Path(__file__).parent / "weights"
-    seeds = list(range(seed0, seed0 + n_seeds))
-    figures: dict[str, float] = {}
-    sheets = []
     t0 = time.time()
-
-    def run(model, prompts):
-        imgs = sample(model, te, prompts, seeds, steps=steps, cfg=cfg, tokenizer=tok).numpy()
-        objs, stys = judges(imgs)
-        sheets.append(imgs[:12])
-        return imgs, objs, stys
-
-    prompts = _prompts_generic(n_seeds)
-    _, objs, stys = run(unet, prompts)
-    truth = [R.parse_caption(p) for p in prompts]
-    figures["base_object"] = float(np.mean([o == t[0] for o, t in zip(objs, truth, strict=True)]))
-    figures["base_style"] = float(np.mean([s == t[1] for s, t in zip(stys, truth, strict=True)]))
-    unseen_subject, unseen_style = [], []
-    for token in R.SUBJECTS:
-        _, objs, _ = run(unet, _prompts_subject(token, n_seeds))
-        unseen_subject.append(float(np.mean([o == token for o in objs])))
-    for token in R.UNSEEN_STYLES:
-        _, _, stys = run(unet, _prompts_style(token, n_seeds))
-        unseen_style.append(float(np.mean([s == token for s in stys])))
-    figures["base_unseen_subject"] = max(unseen_subject)
-    figures["base_unseen_style"] = max(unseen_style)
-    if log:
-        log(f"base done ({time.time() - t0:.0f}s): {figures}")
-    for spec in DEFAULT_LORAS:
-        model = merged_unet(unet, wdir / f"{spec.name}.safetensors")
-        if spec.kind == "subject":
-            prompts = _prompts_subject(spec.token, n_seeds)
-            _, objs, stys = run(model, prompts)
-            figures[spec.name] = float(np.mean([o == spec.token for o in objs]))
-            truth = [R.parse_caption(p)[1] for p in prompts]
-            figures[f"{spec.name}_style"] = _share(stys, truth)
-        else:
-            prompts = _prompts_style(spec.token, n_seeds)
-            _, objs, stys = run(model, prompts)
-            figures[spec.name] = float(np.mean([s == spec.token for s in stys]))
-            truth = [R.parse_caption(p)[0] for p in prompts]
-            figures[f"{spec.name}_object"] = float(
-                np.mean([o == t for o, t in zip(objs, truth, strict=True)])
-            )
-        if log:
-            log(f"{spec.name}: {figures[spec.name]:.3f} ({time.time() - t0:.0f}s)")
-    high = ["base_object", "base_style", *[s.name for s in DEFAULT_LORAS]]
-    low = ["base_unseen_subject", "base_unseen_style"]
-    result = {
-        "figures": figures,
-        "world_valid": min(figures[k] for k in high),
-        "unseen_max": max(figures[k] for k in low),
-        "passed": all(figures[k] >= BAR_HIGH for k in high) and all(figures[k] <= BAR_LOW for k in low),
-        "protocol": {
-            "seeds": n_seeds,
-            "seed0": seed0,
-            "steps": steps,
-            "cfg": cfg,
-            "sampler": "DDPM ancestral, trailing, x0 clipped",
-        },
-        "seconds": round(time.time() - t0, 1),
+    groups = generate(weights_dir, n_seeds, steps, cfg, seed0, log)
+    if images_out is not None:
+        save_groups(groups, images_out)
+    protocol = {
+        "seeds": n_seeds,
+        "seed0": seed0,
+        "steps": steps,
+        "cfg": cfg,
+        "sampler": "DDPM ancestral, trailing, x0 clipped",
     }
+    result = summarize(score(groups, Judges.load(weights_dir)), protocol)
+    result["seconds"] = round(time.time() - t0, 1)
     if grid is not None:
-        R.contact_sheet(np.concatenate(sheets), cols=12, scale=3).save(grid)
+        R.contact_sheet(np.concatenate([g["images"][:12] for g in groups.values()]), cols=12, scale=3).save(
+            grid
+        )
     return result
 
 
@@ -138,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--grid", type=Path, default=None, help="write a PNG contact sheet of the first images")
+    ap.add_argument("--images", type=Path, default=None, help="save the generated images (.npz)")
+    ap.add_argument(
+        "--rejudge", type=Path, default=None, help="score saved images (.npz) instead of sampling"
+    )
     ap.add_argument("--no-record", action="store_true", help="do not write the figures into the manifest")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,7 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     def log(m: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)
 
-    result = measure(args.weights, args.seeds, args.steps, args.cfg, grid=args.grid, log=log)
+    if args.rejudge is not None:
+        groups = load_groups(args.rejudge)
+        n = len(next(iter(groups.values()))["prompts"])
+        protocol = {"seeds": n, "rejudged": str(args.rejudge), "steps": args.steps, "cfg": args.cfg}
+        result = summarize(score(groups, Judges.load(args.weights)), protocol)
+    else:
+        result = measure(
+            args.weights, args.seeds, args.steps, args.cfg, grid=args.grid, log=log, images_out=args.images
+        )
     line = result_line(result)
     print(line, flush=True)
     if not args.no_record:
