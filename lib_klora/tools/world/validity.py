@@ -52,6 +52,7 @@ def generate(
     cfg: float = 4.0,
     seed0: int = 10_000,
     log=None,
+    only: set[str] | None = None,
 ) -> dict[str, dict]:
     """The validity images: {group: {"model", "prompts", "images"}} (base groups and one per LoRA)."""
     unet, te, tok, _ = load_world(weights_dir)
@@ -61,6 +62,8 @@ def generate(
     groups: dict[str, dict] = {}
 
     def run(name: str, model, prompts: list[str], model_name: str) -> None:
+        if only and name not in only:
+            return
         imgs = sample(model, te, prompts, seeds, steps=steps, cfg=cfg, tokenizer=tok).numpy()
         imgs = np.round(imgs * 255.0) / 255.0  # judged as 8-bit images, like a saved PNG
         groups[name] = {"model": model_name, "prompts": prompts, "images": imgs}
@@ -74,6 +77,8 @@ def generate(
     sty = [R.caption(R.GENERIC_OBJECTS[(i // 3) % 6], R.UNSEEN_STYLES[i % 3]) for i in range(n_seeds)]
     run("base_unseen_styles", unet, sty, "base")
     for spec in DEFAULT_LORAS:
+        if only and spec.name not in only:
+            continue
         model = merged_unet(unet, wdir / f"{spec.name}.safetensors")
         prompts = (
             _prompts_subject(spec.token, n_seeds)
@@ -181,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=Path, default=None, help="write a PNG contact sheet of the first images")
     ap.add_argument("--images", type=Path, default=None, help="save the generated images (.npz)")
     ap.add_argument(
-        "--rejudge", type=Path, default=None, help="score saved images (.npz) instead of sampling"
+        "--rejudge", type=Path, nargs="+", default=None, help="score saved images (.npz) instead of sampling"
     )
+    ap.add_argument("--only", nargs="+", default=None, help="generate only these groups into --images")
     ap.add_argument("--no-record", action="store_true", help="do not write the figures into the manifest")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -190,10 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     def log(m: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)
 
+    if args.only:  # generate a subset of the groups (to run them side by side), save, no score
+        groups = generate(args.weights, args.seeds, args.steps, args.cfg, log=log, only=set(args.only))
+        save_groups(groups, args.images)
+        return 0
     if args.rejudge is not None:
-        groups = load_groups(args.rejudge)
+        groups = {k: v for path in args.rejudge for k, v in load_groups(path).items()}
         n = len(next(iter(groups.values()))["prompts"])
-        protocol = {"seeds": n, "rejudged": str(args.rejudge), "steps": args.steps, "cfg": args.cfg}
+        protocol = {
+            "seeds": n,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "sampler": "DDPM ancestral, trailing, x0 clipped",
+            "images": [p.name for p in args.rejudge],
+        }
         result = summarize(score(groups, Judges.load(args.weights)), protocol)
     else:
         result = measure(
