@@ -9,7 +9,8 @@ guidance), and the world's judges name the object and the style of every image. 
 (the paper's Table 1, judged), writes one PNG sheet per pair (rows methods, columns seeds) and a JSON file,
 and ends with one line
 
-    RESULT world_valid=<f> both_klora=<f> both_stacked=<f> both_dynamic=<f> both_guided=<f> klora_vs_stacked=<f>
+    RESULT world_valid=<f> both_klora=<f> both_stacked=<f> both_dynamic=<f> both_guided=<f>
+           klora_vs_stacked=<f>   (one line)
 
 where world_valid is the lowest world-validity figure recorded in the weights' manifest (measured by
 `python -m lib_klora.tools.world.validity`). Seeds are fixed: the same command gives the same numbers.
