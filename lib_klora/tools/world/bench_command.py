@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from lib_klora.tools.world import fidelity as F
+from lib_klora.tools.world.methods import METHODS
 
 DEFAULT_SEEDS = 64
 SEED0 = 20_000  # distinct from the validity seeds
@@ -21,10 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(F.METHODS),
-        choices=F.METHODS,
+        default=list(METHODS),
+        choices=METHODS,
         metavar="METHOD",
-        help=f"methods to run (default all: {', '.join(F.METHODS)})",
+        help=f"methods to run (default all: {', '.join(METHODS)})",
     )
     parser.add_argument("--out", type=Path, default=Path("fidelity-out"), help="folder for sheets and JSON")
     parser.add_argument("--weights", type=Path, default=None, help="world weights folder (default: shipped)")
@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from lib_klora.tools.world import fidelity as F
 
     if not 1 <= args.seeds <= 4096:
         raise SystemExit("--seeds must be 1 to 4096")

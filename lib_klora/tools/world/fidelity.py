@@ -35,21 +35,9 @@ from lib_klora.guidance.run import GuidanceModels
 from lib_klora.tools.world import render as R
 from lib_klora.tools.world.encoder import WorldImageEncoder
 from lib_klora.tools.world.lora import DEFAULT_LORAS, LoraSpec, merged_unet
+from lib_klora.tools.world.methods import FUSION_METHODS, METHODS
 from lib_klora.tools.world.model import WorldTokenizer, sample, to_pixels
 
-# (row name, engine parameters or None for a row without the fusion engine)
-FUSION_METHODS: dict[str, dict[str, Any]] = {
-    "stacked": {"method": "merge"},
-    "klora_s": {"method": "klora", "pattern": "s"},
-    "klora_s*": {"method": "klora", "pattern": "s*"},
-    "fixed": {"method": "fixed"},
-    "random": {"method": "random", "seed": 0},
-    "dynamic": {"method": "dynamic"},
-    "dynamic_hybrid": {"method": "dynamic", "kl_hybrid": True},
-    "guided": {"method": "klora", "pattern": "s", "guidance": True},
-}
-PLAIN_METHODS = ("base", "subject_only", "style_only")
-METHODS: tuple[str, ...] = (*PLAIN_METHODS, *FUSION_METHODS)
 REFERENCES_PER_KIND = 4
 
 
