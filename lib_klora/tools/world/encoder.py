@@ -44,8 +44,8 @@ class WorldImageEncoder(nn.Module):
 
 @dataclass
 class EncoderTrain:
-    n_train: int = 16000
-    epochs: int = 4
+    n_train: int = 8000
+    epochs: int = 5
     batch: int = 128
     lr: float = 3e-3
     width: int = 16

@@ -145,7 +145,7 @@ def sample_scheduler(cfg: WorldConfig | None = None):
         num_train_timesteps=(cfg or WorldConfig()).train_timesteps,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="epsilon",
-        clip_sample=False,
+        clip_sample=True,  # data in [-1, 1]: clip x0 (the cosine schedule ends near α=0)
         set_alpha_to_one=True,
         timestep_spacing="trailing",
     )

@@ -53,6 +53,18 @@ def save_manifest(manifest: dict, d: Path = WEIGHTS) -> None:
     (d / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
+def update_manifest(d: Path, update) -> None:
+    """Read-modify-write the manifest under a lock (several trainings may run side by side)."""
+    import fcntl
+
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = load_manifest(d)
+        update(manifest)
+        save_manifest(manifest, d)
+
+
 def file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256(path)}
 
@@ -180,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib_klora.tools.world.train", description=__doc__)
     ap.add_argument("--all", action="store_true", help="train everything (base, LoRAs, judges, encoder)")
     ap.add_argument("--base", action="store_true", help="train the base model")
-    ap.add_argument("--loras", action="store_true", help="train the six LoRAs on the saved base")
+    ap.add_argument(
+        "--loras", nargs="*", default=None, metavar="NAME", help="train the LoRAs (all six, or those named)"
+    )
     ap.add_argument("--judges", action="store_true", help="train the two judges")
     ap.add_argument("--encoder", action="store_true", help="train the contrastive image encoder")
     ap.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
@@ -193,13 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cmd = "python -m lib_klora.tools.world.train " + " ".join(argv if argv is not None else sys.argv[1:])
-    manifest = load_manifest(args.out)
     if args.all or args.base:
         cfg = WorldConfig()
         tc = DiffusionTrain(steps=args.base_steps)
         stats = train_base(cfg, tc, args.seed, args.out, stop_at=args.base_stop_at)
         stats.pop("losses")
-        manifest["base"] = {
+        base = {
             "config": cfg.to_dict(),
             "train": tc.__dict__,
             "seed": args.seed,
@@ -211,30 +224,33 @@ def main(argv: list[str] | None = None) -> int:
                 for n in ("base_unet.safetensors", "base_text_encoder.safetensors")
             },
         }
-        save_manifest(manifest, args.out)
-    if args.all or args.loras:
+        update_manifest(args.out, lambda m: m.__setitem__("base", base))
+    if args.all or args.loras is not None:
         from .lora import DEFAULT_LORAS, LoraTrain, save_lora, spec_dict, train_lora
         from .model import load_world
 
         unet, te, _, _ = load_world(args.out)
-        loras = {}
         for i, spec in enumerate(DEFAULT_LORAS):
+            if args.loras and spec.name not in args.loras:
+                continue
             tc = LoraTrain()
             sd, stats = train_lora(unet, te, spec, tc, args.seed + 1000 + i, log=log)
             path = save_lora(sd, spec, args.out)
-            loras[spec.name] = {
+            entry = {
                 "spec": spec_dict(spec),
                 "train": tc.__dict__,
                 "seed": args.seed + 1000 + i,
                 **stats,
+                "command": cmd,
                 "file": path.name,
                 **file_entry(path),
             }
+
+            def put(m: dict, n: str = spec.name, e: dict = entry) -> None:
+                m.setdefault("loras", {})[n] = e
+
+            update_manifest(args.out, put)
             log(f"lora {spec.name}: {stats}")
-        manifest = load_manifest(args.out)
-        manifest["loras"] = loras
-        manifest["loras_command"] = cmd
-        save_manifest(manifest, args.out)
     if args.all or args.judges:
         from .judges import train_judges
 
@@ -243,18 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         stats["files"] = {
             n: file_entry(args.out / n) for n in ("judge_object.safetensors", "judge_style.safetensors")
         }
-        manifest = load_manifest(args.out)
-        manifest["judges"] = stats
-        save_manifest(manifest, args.out)
+        update_manifest(args.out, lambda m: m.__setitem__("judges", stats))
     if args.all or args.encoder:
         from .encoder import train_encoder
 
         stats = train_encoder(args.out, args.seed + 7, log=log)
         stats["command"] = cmd
         stats["files"] = {"image_encoder.safetensors": file_entry(args.out / "image_encoder.safetensors")}
-        manifest = load_manifest(args.out)
-        manifest["encoder"] = stats
-        save_manifest(manifest, args.out)
+        update_manifest(args.out, lambda m: m.__setitem__("encoder", stats))
     return 0
 
 

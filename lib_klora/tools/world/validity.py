@@ -143,12 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     line = result_line(result)
     print(line, flush=True)
     if not args.no_record:
-        from .train import WEIGHTS, load_manifest, save_manifest
+        from .train import WEIGHTS, update_manifest
 
-        d = args.weights or WEIGHTS
-        manifest = load_manifest(d)
-        manifest["validity"] = {**result, "result_line": line}
-        save_manifest(manifest, d)
+        update_manifest(
+            args.weights or WEIGHTS, lambda m: m.__setitem__("validity", {**result, "result_line": line})
+        )
     return 0 if result["passed"] else 1
 
 
