@@ -237,6 +237,8 @@ def sample(
 
 def _guided_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, guide: Callable) -> torch.Tensor:
     """ε that makes the step continue from guide(x̂0): x = √ᾱ·x̂0 + √(1−ᾱ)·ε, solved both ways."""
+    if alpha_bar < 1e-3:  # pure noise (the cosine schedule's first step): x̂0 is not defined yet
+        return eps
     a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     x0 = (x - b * eps) / a
     moved = guide(x0, (b / a).float())
