@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import render as R
-from .judges import SmallCNN, _degrade
+from lib_klora.tools.world import render as R
+from lib_klora.tools.world.judges import SmallCNN, _degrade
 
 EMBED_DIM = 64
 

@@ -16,7 +16,7 @@ import torch
 from PIL import ImageFilter
 from torch import nn
 
-from . import render as R
+from lib_klora.tools.world import render as R
 
 REJECT = "reject"
 OBJECT_CLASSES = (*R.OBJECTS, REJECT)

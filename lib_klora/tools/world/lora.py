@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import render as R
-from .model import WorldTokenizer, to_model, train_scheduler
+from lib_klora.tools.world import render as R
+from lib_klora.tools.world.model import WorldTokenizer, to_model, train_scheduler
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 
@@ -61,7 +61,7 @@ def train_lora(unet, text_encoder, spec: LoraSpec, tc: LoraTrain, seed: int, log
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from .train import diffusion_loss
+    from lib_klora.tools.world.train import diffusion_loss
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .render import OBJECTS, SIZE, STYLES
+from lib_klora.tools.world.render import OBJECTS, SIZE, STYLES
 
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>")
 WORDS = ("a", "in", "style", *OBJECTS, *STYLES)
@@ -221,6 +221,7 @@ def sample(
     steps: int = 25,
     cfg: float = 4.0,
     step_callback: Callable[[int, int], None] | None = None,
+    guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     *,
     tokenizer: WorldTokenizer | None = None,
     negative_prompt: str = "",
@@ -230,6 +231,8 @@ def sample(
     """Sampling with classifier-free guidance, uncond and cond in one batched UNet call per step.
 
     ``step_callback(step_index, total_steps)`` runs once per sampler step, before that step's UNet call.
+    ``guide(x0, sigma)`` may move the step's denoised estimate x̂0 (reference guidance); the step then
+    continues from the moved x̂0 (σ = √((1−ᾱ)/ᾱ), the noise level in the k-diffusion sense).
     Each image's initial noise comes from its own seed, so an image does not depend on its batch.
     Returns images (N, 32, 32, 3) in [0, 1] (or the latent tensor when ``return_model_space``).
     """
@@ -255,11 +258,23 @@ def sample(
         eps = unet(inp, t, encoder_hidden_states=context).sample
         e_u, e_c = eps.chunk(2)
         eps = e_u + cfg * (e_c - e_u)
+        if guide is not None:
+            eps = _guided_eps(x, eps, sched.alphas_cumprod[int(t)].to(x.dtype), guide)
         if "generator" in inspect.signature(sched.step).parameters:
             x = sched.step(eps, t, x, generator=gens).prev_sample
         else:
             x = sched.step(eps, t, x).prev_sample
     return x if return_model_space else to_pixels(x.float(), patch)
+
+
+def _guided_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, guide: Callable) -> torch.Tensor:
+    """ε that makes the step continue from guide(x̂0): x = √ᾱ·x̂0 + √(1−ᾱ)·ε, solved both ways."""
+    if alpha_bar < 1e-3:  # pure noise (the cosine schedule's first step): x̂0 is not defined yet
+        return eps
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    x0 = (x - b * eps) / a
+    moved = guide(x0, (b / a).float())
+    return (x - a * moved) / b
 
 
 # --- weights -----------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import render as R
-from .model import (
+from lib_klora.tools.world import render as R
+from lib_klora.tools.world.model import (
     WorldConfig,
     WorldTokenizer,
     build_text_encoder,
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         update_manifest(args.out, lambda m: m.__setitem__("base", base))
     if args.all or args.loras is not None:
-        from .lora import DEFAULT_LORAS, LoraTrain, save_lora, spec_dict, train_lora
-        from .model import load_world
+        from lib_klora.tools.world.lora import DEFAULT_LORAS, LoraTrain, save_lora, spec_dict, train_lora
+        from lib_klora.tools.world.model import load_world
 
         unet, te, _, _ = load_world(args.out)
         for i, spec in enumerate(DEFAULT_LORAS):
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             update_manifest(args.out, put)
             log(f"lora {spec.name}: {stats}")
     if args.all or args.judges:
-        from .judges import train_judges
+        from lib_klora.tools.world.judges import train_judges
 
         stats = train_judges(args.out, args.seed, log=log)
         stats["command"] = cmd
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         update_manifest(args.out, lambda m: m.__setitem__("judges", stats))
     if args.all or args.encoder:
-        from .encoder import train_encoder
+        from lib_klora.tools.world.encoder import train_encoder
 
         stats = train_encoder(args.out, args.seed + 7, log=log)
         stats["command"] = cmd

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import render as R
-from .judges import Judges
-from .lora import DEFAULT_LORAS, merged_unet
-from .model import load_world, sample
+from lib_klora.tools.world import render as R
+from lib_klora.tools.world.judges import Judges
+from lib_klora.tools.world.lora import DEFAULT_LORAS, merged_unet
+from lib_klora.tools.world.model import load_world, sample
 
 BAR_HIGH = 0.85
 BAR_LOW = 0.10
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     line = result_line(result)
     print(line, flush=True)
     if not args.no_record:
-        from .train import WEIGHTS, update_manifest
+        from lib_klora.tools.world.train import WEIGHTS, update_manifest
 
         update_manifest(
             args.weights or WEIGHTS, lambda m: m.__setitem__("validity", {**result, "result_line": line})
