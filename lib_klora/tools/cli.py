@@ -19,19 +19,36 @@ from lib_klora.fusion.selection_map import save_selection_map
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, shown only when scoring takes a noticeable time."""
+    """Progress on stderr, shown only when scoring takes a noticeable time: a one-line bar on a terminal, and
+    a plain line every `log_every_s` seconds (plus the last) when stderr is a log file or a pipe."""
 
-    def __init__(self, label: str, enabled: bool = True, delay_s: float = 0.5, width: int = 30) -> None:
+    def __init__(
+        self,
+        label: str,
+        enabled: bool = True,
+        delay_s: float = 0.5,
+        width: int = 30,
+        log_every_s: float = 5.0,
+        terminal: bool | None = None,
+    ) -> None:
         self.label, self.enabled, self.delay_s, self.width = label, enabled, delay_s, width
+        self.log_every_s = log_every_s
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
         self.start = time.perf_counter()
         self.shown = False
+        self.last_line = float("-inf")
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or (
-            not self.shown and time.perf_counter() - self.start < self.delay_s and done < total
-        ):
+        now = time.perf_counter()
+        if not self.enabled or (not self.shown and now - self.start < self.delay_s and done < total):
             return
         self.shown = True
+        if not self.terminal:
+            if done >= total or now - self.last_line >= self.log_every_s:
+                self.last_line = now
+                sys.stderr.write(f"{self.label}: {done}/{total} layers ({now - self.start:.0f} s)\n")
+                sys.stderr.flush()
+            return
         filled = self.width * done // max(total, 1)
         bar = "#" * filled + "-" * (self.width - filled)
         end = "\n" if done >= total else ""
@@ -66,9 +83,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(document, indent=1))
     if args.png:
         schedule = plan.schedule(args.steps)
-        save_selection_map(
-            args.png, plan.layer_names, schedule.choices.tolist(), schedule.labels, plan.title()
-        )
+        title = f"{Path(args.subject).name} + {Path(args.style).name}: {plan.title()}"
+        save_selection_map(args.png, plan.layer_names, schedule.choices.tolist(), schedule.labels, title)
     if not args.quiet and args.json != "-":
         print(plan.summary(args.steps))
         for what, target in (("plan", args.json), ("selection map", args.png)):
@@ -80,7 +96,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lib_klora.tools.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, quiet=args.quiet)
+    for flag, value in (("--steps", args.steps), ("--world-steps", args.world_steps)):
+        if not 1 <= value <= 1000:
+            print(f"error: {flag} must be 1 to 1000, got {value}", file=sys.stderr)
+            return 2
+    run_demo(Path(args.out), steps=args.steps, quiet=args.quiet, world_steps=args.world_steps)
     return 0
 
 
@@ -97,7 +117,12 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="offset of the time scale (default 0.5 for s, 1.3 for s*; 1.275 = official code's s*)",
     )
-    parser.add_argument("--pattern", choices=[p.value for p in Pattern], default="s")
+    parser.add_argument(
+        "--pattern",
+        choices=[p.value for p in Pattern],
+        default="s",
+        help="time scale: s (subject early, style late; the paper) or s* (style first; recommended for FLUX)",
+    )
     parser.add_argument(
         "--gamma",
         choices=[g.value for g in GammaVariant],
@@ -110,8 +135,12 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
         default="klora",
         help="klora, or a baseline: merge (both always), fixed (time only), random (1/3 subject)",
     )
-    parser.add_argument("--subject-strength", type=float, default=1.0)
-    parser.add_argument("--style-strength", type=float, default=1.0)
+    parser.add_argument(
+        "--subject-strength", type=float, default=1.0, help="multiplier of the subject LoRA's ΔW (default 1)"
+    )
+    parser.add_argument(
+        "--style-strength", type=float, default=1.0, help="multiplier of the style LoRA's ΔW (default 1)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument(
         "--device", default="auto", help="where to score: auto (CUDA if present), cpu, cuda:0 ..."
@@ -130,16 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="compute which LoRA each layer uses at each step")
     plan.add_argument("subject", help="subject (content) LoRA, .safetensors")
     plan.add_argument("style", help="style LoRA, .safetensors")
-    plan.add_argument("--steps", type=int, required=True, help="sampling steps")
+    plan.add_argument(
+        "--steps", type=int, required=True, help="sampling steps of the generation the plan is for (1-1000)"
+    )
     plan.add_argument("--json", help="write the plan as JSON here ('-' for stdout)")
     plan.add_argument("--png", help="write the selection map (layers x steps) here")
     _add_plan_options(plan)
     plan.set_defaults(func=cmd_plan)
 
-    demo = sub.add_parser("demo", help="write two synthetic LoRAs and their plan and map (no downloads)")
+    demo = sub.add_parser(
+        "demo",
+        help="draw one subject × style pair of the trained toy world with every kind of fusion, and plan two "
+        "synthetic SD1.5 LoRAs (no downloads)",
+    )
     demo.add_argument("--out", default="klora-demo", help="output folder (default ./klora-demo)")
-    demo.add_argument("--steps", type=int, default=30)
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument(
+        "--steps", type=int, default=30, help="sampling steps of the synthetic LoRAs' plans (default 30)"
+    )
+    demo.add_argument(
+        "--world-steps", type=int, default=20, help="sampler steps of the world's pictures (default 20)"
+    )
+    demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.set_defaults(func=cmd_demo)
 
     from lib_klora.tools.evaluate import add_eval_parser  # imports no model library until the command runs
@@ -148,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     from lib_klora.tools.generate import add_generate_parser  # diffusers is imported only when it runs
 
     add_generate_parser(sub)
+    world = sub.add_parser("world", help="the trained toy world: the fidelity benchmark")
+    world_sub = world.add_subparsers(dest="world_command", required=True)
+    bench = world_sub.add_parser(
+        "bench", help="judge subject, style and both for every method on every world pair (bench/fidelity.py)"
+    )
+    from lib_klora.tools.world import bench_command  # torch-free until the command runs
+
+    bench_command.add_arguments(bench)
+    bench.set_defaults(func=bench_command.run)
     return parser
 
 

@@ -1,8 +1,16 @@
-"""`python -m lib_klora demo`: the main job end to end on synthetic LoRAs, with no downloads."""
+"""`python -m lib_klora demo`: the main job end to end with no downloads.
+
+With the trained toy world shipped in lib_klora/tools/world (and diffusers/transformers installed), the demo
+draws one subject × style pair with each LoRA alone, stacked, K-LoRA and `dynamic`, puts K-LoRA's selection
+map beside the grid and prints the judges' verdicts. It always also writes two SD1.5-shaped synthetic LoRAs
+in different file formats, their fusion plans for patterns s and s*, and their selection maps.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lib_klora.fusion.from_files import plan_from_files
@@ -27,10 +35,32 @@ def write_demo_loras(out: Path) -> tuple[Path, Path]:
     )
 
 
-def run_demo(out: Path, steps: int = 30, quiet: bool = False) -> dict[str, Path]:
+def _say(quiet: bool) -> Callable[[str], None]:
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    return say
+
+
+def run_demo(out: Path, steps: int = 30, quiet: bool = False, world_steps: int = 20) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
+    say = _say(quiet)
+    written: dict[str, Path] = {}
+    from lib_klora.tools.world.demo_grid import run_world_demo, world_available
+
+    why_not = world_available()
+    if why_not is None:
+        say("drawing the world demo (each LoRA alone, stacked, K-LoRA, dynamic) ...")
+        world_files, verdicts = run_world_demo(out, steps=world_steps, progress=say)
+        written.update(world_files)
+        if not quiet:
+            print("\n".join(verdicts))
+    else:
+        say(f"skipping the picture demo: {why_not}")
+    say("planning two synthetic SD1.5-shaped LoRAs ...")
     subject, style = write_demo_loras(out)
-    written = {"subject": subject, "style": style}
+    written.update(subject=subject, style=style)
     for pattern in ("s", "s*"):
         plan = plan_from_files(subject, style, PlanSettings(pattern=pattern))
         tag = "s" if pattern == "s" else "s_star"
@@ -42,7 +72,7 @@ def run_demo(out: Path, steps: int = 30, quiet: bool = False) -> dict[str, Path]
             plan.layer_names,
             schedule.choices.tolist(),
             schedule.labels,
-            plan.title(),
+            f"{subject.name} + {style.name}: {plan.title()}",
         )
         written[f"plan_{tag}"], written[f"map_{tag}"] = json_path, png_path
         if not quiet:

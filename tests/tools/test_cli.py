@@ -133,3 +133,34 @@ def test_plan_reads_a_lycoris_style_loha_pair(tmp_path: Path, capsys) -> None:
     assert main(["plan", *map(str, paths), "--steps", "4", "--json", "-"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["layers"][0]["k"] == 16  # LoHa rank bound 2·2 per LoRA, K = 4·4
+
+
+def _actions(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield parser.prog, action
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    from lib_klora.tools.cli import build_parser
+
+    missing = [f"{prog} {action.dest}" for prog, action in _actions(build_parser()) if not action.help]
+    assert missing == []
+
+
+def test_progress_in_a_log_is_a_line_every_few_seconds(monkeypatch, capsys) -> None:
+    from lib_klora.tools import cli
+
+    clock = iter([0.0, 1.0, 2.0, 7.0, 8.0, 20.0])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    bar = cli.ProgressBar("scoring", delay_s=0.5, log_every_s=5.0, terminal=False)  # start: t=0
+    for done in (1, 2, 3, 4, 5):  # t = 1, 2, 7, 8, 20
+        bar(done, 5)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["scoring: 1/5 layers (1 s)", "scoring: 3/5 layers (7 s)", "scoring: 5/5 layers (20 s)"]
+    assert "\r" not in "".join(lines)
