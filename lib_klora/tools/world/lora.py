@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lib_klora.tools.world import render as R
-from lib_klora.tools.world.model import WorldTokenizer, to_model, train_scheduler
+from lib_klora.tools.world.model import WorldTokenizer, diffusion_loss, to_model, train_scheduler
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 
@@ -60,8 +60,6 @@ def train_lora(unet, text_encoder, spec: LoraSpec, tc: LoraTrain, seed: int, log
     """Train one LoRA on a copy of ``unet``; returns (peft state dict in fp32, stats)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
-    from lib_klora.tools.world.train import diffusion_loss
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -277,6 +277,22 @@ def _guided_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, gui
     return (x - a * moved) / b
 
 
+def diffusion_loss(unet, text_encoder, sched, x0, ids, gen, min_snr: float) -> torch.Tensor:
+    """ε-prediction loss at random timesteps, Min-SNR weighted (the base and the LoRAs train on it)."""
+    n = x0.shape[0]
+    t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = sched.add_noise(x0, noise, t)
+    ctx = text_encoder(input_ids=ids).last_hidden_state
+    eps = unet(xt, t, encoder_hidden_states=ctx).sample
+    per = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))
+    if min_snr:
+        ac = sched.alphas_cumprod[t]
+        snr = ac / (1 - ac)
+        per = per * torch.clamp(snr, max=min_snr) / snr.clamp(min=1e-8)
+    return per.mean()
+
+
 # --- weights -----------------------------------------------------------------------------------------------
 
 

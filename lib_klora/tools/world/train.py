@@ -26,6 +26,7 @@ from lib_klora.tools.world.model import (
     WorldTokenizer,
     build_text_encoder,
     build_unet,
+    diffusion_loss,
     save_module,
     to_model,
     train_scheduler,
@@ -88,21 +89,6 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * 0.95 + 0.05
-
-
-def diffusion_loss(unet, text_encoder, sched, x0, ids, gen, min_snr: float) -> torch.Tensor:
-    n = x0.shape[0]
-    t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    xt = sched.add_noise(x0, noise, t)
-    ctx = text_encoder(input_ids=ids).last_hidden_state
-    eps = unet(xt, t, encoder_hidden_states=ctx).sample
-    per = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))
-    if min_snr:
-        ac = sched.alphas_cumprod[t]
-        snr = ac / (1 - ac)
-        per = per * torch.clamp(snr, max=min_snr) / snr.clamp(min=1e-8)
-    return per.mean()
 
 
 def train_base(
