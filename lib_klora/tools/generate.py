@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_klora.errors import KLoraError
-from lib_klora.params.fields import CHOICES
+from lib_klora.params.fields import CHOICES, FIELD_HELP
 from lib_klora.params.model import KLoraParams
 
 MAX_STEPS = 1000
@@ -136,23 +136,25 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, metavar="DIR_OR_FILE", help="diffusers folder or .safetensors file"
     )
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument(
+        "--prompt", required=True, help="the prompt (name the subject's and the style's trigger words)"
+    )
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default none)")
     p.add_argument("--steps", type=int, default=30, help=f"sampling steps (1-{MAX_STEPS}, default 30)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (the pipeline's default)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="image width (the pipeline's default)")
+    p.add_argument("--height", type=int, default=None, help="image height (the pipeline's default)")
     p.add_argument("--image-seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--out", default="klora.png", help="image file to write (default ./klora.png)")
     p.add_argument("--map", default=None, help="also write the selection map (layers x steps) here")
-    p.add_argument("--method", choices=CHOICES["method"], default="klora")
-    p.add_argument("--pattern", choices=CHOICES["pattern"], default="s")
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--beta", type=float, default=None)
-    p.add_argument("--gamma", choices=CHOICES["gamma"], default=None)
+    p.add_argument("--method", choices=CHOICES["method"], default="klora", help=FIELD_HELP["method"])
+    p.add_argument("--pattern", choices=CHOICES["pattern"], default="s", help=FIELD_HELP["pattern"])
+    p.add_argument("--alpha", type=float, default=None, help=FIELD_HELP["alpha"])
+    p.add_argument("--beta", type=float, default=None, help=FIELD_HELP["beta"])
+    p.add_argument("--gamma", choices=CHOICES["gamma"], default=None, help=FIELD_HELP["gamma"])
     p.add_argument("--seed", type=int, default=None, help="seed of the random baseline")
-    p.add_argument("--subject-strength", type=float, default=None)
-    p.add_argument("--style-strength", type=float, default=None)
+    p.add_argument("--subject-strength", type=float, default=None, help=FIELD_HELP["subject_strength"])
+    p.add_argument("--style-strength", type=float, default=None, help=FIELD_HELP["style_strength"])
     p.add_argument("--te-policy", choices=CHOICES["te_policy"], default=None, help="text-encoder LoRAs")
     p.add_argument(
         "--style-ref", action="append", default=[], help="style reference image (turns on guidance)"
@@ -162,7 +164,7 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pipeline", choices=sorted(SINGLE_FILE_PIPELINES), default="sd", help="single-file type")
     p.add_argument("--config", default=None, metavar="DIR", help="local diffusers config for a single file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 ...")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="model precision")
     p.add_argument("--allow-download", action="store_true", help="let diffusers download missing files")
     p.set_defaults(func=cmd_generate)
     return p

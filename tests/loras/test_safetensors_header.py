@@ -272,6 +272,7 @@ def test_property_every_file_safe_open_reads_is_never_refused(tmp_path: Path) ->
     every low byte); whenever the reference reader opens one, ours reads the same tensors."""
     rng = random.Random(12)
     path = tmp_path / "random.safetensors"
+    opened = 0
     for case in range(300):
         tensors = {}
         for index in range(rng.randint(0, 4)):
@@ -280,12 +281,17 @@ def test_property_every_file_safe_open_reads_is_never_refused(tmp_path: Path) ->
             tensors[f"t{index}.{'x' * rng.randint(0, 40)}"] = (torch.rand(shape) * 10).to(dtype)
         metadata = {f"k{i}": "v" * rng.randint(0, 300) for i in range(rng.randint(0, 3))}
         save_file(tensors, str(path), metadata=metadata or None)
-        with safe_open(str(path), "pt") as handle:
-            expected = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        try:
+            with safe_open(str(path), "pt") as handle:
+                expected = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except Exception:  # safetensors 0.4.2 (A1111's pin) cannot open some files it writes itself
+            continue
+        opened += 1
         contents = read_safetensors(path)
         assert set(contents.tensors) == set(expected), case
         for key, tensor in expected.items():
             assert torch.equal(contents.tensors[key].to(tensor.dtype), tensor), (case, key)
+    assert opened >= 150  # most cases exercise our reader, whatever the reference reader's version
 
 
 def test_property_mutated_bytes_never_read_as_pickle_when_safe_open_reads_them(tmp_path: Path) -> None:
