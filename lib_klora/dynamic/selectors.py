@@ -274,3 +274,13 @@ class DynamicSelector:
         if pass_key == self._pass_key:
             self._flush()
         return self._decided[pass_key]
+
+
+def dynamic_title(params: Any) -> str:
+    """One line naming method `dynamic` and its options, for selection maps (params: KLoraParams)."""
+    options = [f"KL {params.kl_direction}", f"T={params.kl_temperature:g}"]
+    if params.kl_per_sample:
+        options.append("per image")
+    if params.kl_hybrid:
+        options.append(f"hybrid {params.pattern}")
+    return f"dynamic ({', '.join(options)})"

@@ -56,7 +56,7 @@ from torch import nn
 
 from lib_klora.dynamic.branches import Branch, ConvSpec, LowRankBranch, SlicedBranch
 from lib_klora.dynamic.hooks import HookSet, install_hooks
-from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector
+from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector, dynamic_title
 from lib_klora.engines.module_targets import TEXT_ENCODER_COMPONENTS, ModuleIndex, Target
 from lib_klora.engines.patcher import compute_dtype
 from lib_klora.engines.tracking import PassRecord
@@ -69,6 +69,7 @@ from lib_klora.fusion.from_files import (
     load_score_table,
     plan_from_files,
 )
+from lib_klora.fusion.options import Method
 from lib_klora.fusion.plan import FusionPlan
 from lib_klora.fusion.scores import ScoreTable
 from lib_klora.fusion.selection_map import render_selection_map
@@ -191,20 +192,20 @@ class ModuleFusion:
         self.params = klora_params(subject, style, params)
         if apply_to not in ("activations", "weights"):
             raise FusionError(f"apply_to must be 'activations' or 'weights', got {apply_to!r}")
-        if apply_to == "weights" and self.params.method == "dynamic":
+        if apply_to == "weights" and self.params.fusion_method is Method.DYNAMIC:
             raise FusionError("method 'dynamic' decides from the activations: use apply_to='activations'")
         self.files = (Path(subject), Path(style))
         loras = [read_lora_file(f) for f in self.files]
         check_compatible(loras)
         self.plan: FusionPlan | None = None
-        if self.params.method == "dynamic":
+        if self.params.fusion_method is Method.DYNAMIC:
             self.table: ScoreTable = load_score_table(self.files, device=device, cache=cache)
         else:
             settings = self.params.to_plan_settings()
             self.plan = plan_from_files(*self.files, settings, device=device, cache=cache)
             self.table = self.plan.table
         dynamic = None
-        if self.params.method == "dynamic":
+        if self.params.fusion_method is Method.DYNAMIC:
             dynamic = DynamicSelector.for_params(len(self.table.layers), self.params)
         self.selector = FusionSelector(len(self.table.layers), dynamic)
         self.skipped: list[str] = []  # canonical LoRA layers this model does not have
@@ -409,12 +410,11 @@ class ModuleFusion:
         return self.passes[pass_index].choices()
 
     def title(self) -> str:
-        p = self.params
-        if p.method == "dynamic":
-            extra = f"  hybrid {p.pattern}" if p.kl_hybrid else ""
-            return f"dynamic  KL {p.kl_direction}  T {p.kl_temperature:g}{extra}"
-        assert self.plan is not None
-        return self.plan.title()
+        """Both files and the method's settings, for selection maps."""
+        files = f"{self.files[0].name} + {self.files[1].name}"
+        if self.plan is None:
+            return f"{files}: {dynamic_title(self.params)}"
+        return f"{files}: {self.plan.title()}"
 
     def selection_map(self, pass_index: int = -1) -> Image.Image:
         """The selection map of a pass: which LoRA each layer used at each step."""

@@ -7,6 +7,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lib_klora.dynamic.selectors import dynamic_title
 from lib_klora.errors import KLoraError
 from lib_klora.fusion.plan import FusionPlan
 from lib_klora.fusion.selection_map import render_selection_map
@@ -135,15 +136,6 @@ def prepare_job(p: Any, pair: KLoraParams) -> None:
     if hasattr(p, "cached_hr_c"):
         p.cached_hr_c, p.cached_hr_uc = [None, None], [None, None]
     p.extra_generation_params.update(pair.to_infotext())
-
-
-def dynamic_title(params: KLoraParams) -> str:
-    options = [f"KL {params.kl_direction}", f"T={params.kl_temperature:g}"]
-    if params.kl_per_sample:
-        options.append("per image")
-    if params.kl_hybrid:
-        options.append(f"hybrid {params.pattern}")
-    return f"dynamic ({', '.join(options)})"
 
 
 def add_selection_maps(processed: Any, job: Any) -> None:
