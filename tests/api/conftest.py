@@ -83,6 +83,25 @@ def klora_args(**params: Any) -> dict:
     return {"K-LoRA": {"args": [{"enabled": True, "subject": SUBJECT, "style": STYLE, **params}]}}
 
 
+def set_option(name: str, value: Any) -> None:
+    response = call("POST", "/sdapi/v1/options", {name: value})
+    assert response.status == 200, response.body[:500]
+
+
+@pytest.fixture
+def lora_functional() -> Any:
+    """Lora's functional mode on for one test, then off again through the options route.
+
+    Not through `override_settings`: A1111 v1.10.1 restores only the overridden options already saved in
+    its config (`stored_opts` in `process_images`), so an override of a never-saved `lora_functional`
+    stays on for the server's lifetime and turns every later LoRA job functional."""
+    set_option("lora_functional", True)
+    try:
+        yield
+    finally:
+        set_option("lora_functional", False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def plain_reference() -> bytes:
     """The plain image of a freshly started server, taken before any K-LoRA job."""

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.api.conftest import BASE, STYLE, SUBJECT, call, images, klora_args, pixels, txt2img
+from tests.api.conftest import BASE, STYLE, SUBJECT, call, images, klora_args, pixels, set_option, txt2img
 
 
 def test_version_and_schema_routes() -> None:
@@ -133,13 +133,13 @@ def _mean_abs_diff(a: bytes, b: bytes) -> float:
     return sum(abs(x - y) for x, y in zip(pixels(a), pixels(b), strict=True)) / len(pixels(a))
 
 
-def test_functional_mode_matches_merge_mode(plain_reference: bytes) -> None:
-    # Text-encoder LoRAs are left out: A1111 v1.10.1's own lora_functional mode changes text-encoder
-    # results (and every later merge-mode LoRA job's) even for plain stacked <lora> tags.
+def test_functional_mode_matches_merge_mode(plain_reference: bytes, lora_functional: None) -> None:
+    # Text-encoder LoRAs are left out: with the test LoRAs (random weights up to 2.6, far stronger than
+    # trained ones) A1111 v1.10.1's own functional mode overflows the text encoder — two stacked <lora> tags
+    # give NaN there too — and changes text-encoder results.
+    functional = images(txt2img(alwayson_scripts=klora_args(te_policy="none")))[0]
+    set_option("lora_functional", False)
     merged = images(txt2img(alwayson_scripts=klora_args(te_policy="none")))[0]
-    functional = images(
-        txt2img(alwayson_scripts=klora_args(te_policy="none"), override_settings={"lora_functional": True})
-    )[0]
     assert pixels(merged) != pixels(plain_reference)
     assert _mean_abs_diff(merged, functional) < 1.0  # same per-step choices; fp rounding only
     assert images(txt2img())[0] == plain_reference
