@@ -6,22 +6,25 @@
         image = pipe("a sks dog in ink wash style", num_inference_steps=30).images[0]
     fusion.selection_map().save("map.png")
 
-Works with StableDiffusionPipeline, StableDiffusionXLPipeline (both text encoders follow `te_policy`) and
-FluxPipeline (kohya/BFL FLUX LoRAs with fused q/k/v and single-block layers are split onto diffusers'
-projections; fused `to_qkv` projections get slices), and with other pipelines built from a UNet or a
-transformer and CLIP-style text encoders. Any `KLoraParams` field is a keyword: ``method`` ("klora",
-"merge", "fixed", "random", "dynamic"), ``pattern`` ("s", "s*"), ``alpha``, ``beta``, ``gamma``,
-``subject_strength``, ``style_strength``, ``te_policy``, ``kl_*``, ``guidance*`` ...
+Works with StableDiffusionPipeline, StableDiffusionXLPipeline (both text encoders follow `te_policy`),
+StableDiffusion3Pipeline and FluxPipeline (kohya/BFL FLUX LoRAs with fused q/k/v and single-block layers
+are split onto diffusers' projections; fused `to_qkv` projections get slices), and with other pipelines
+built from a UNet or a transformer and CLIP-style text encoders. Any `KLoraParams` field is a keyword:
+``method`` ("klora", "merge", "fixed", "random", "dynamic"), ``pattern`` ("s", "s*"), ``alpha``, ``beta``,
+``gamma``, ``subject_strength``, ``style_strength``, ``te_policy``, ``kl_*``, ``guidance*`` ...
 
 The clock is the pipeline's own scheduler: `set_timesteps` announces a pass (its length is the
 scheduler's timesteps after any img2img start, divided by the scheduler's order) and each
 `scheduler.step` moves the fusion to the next step, so a 30-step run makes 30 decisions per layer however
 many denoiser calls a step makes (batched CFG or not). Reference guidance nudges each guided step's x̂0
-inside `scheduler.step` (SD and SDXL pipelines; the decoder is the pipeline's VAE, or TAESD with
-`taesd_path`).
+inside `scheduler.step` (x̂0 = x − σ·v on the flow-matching schedulers of SD3 and FLUX, whose packed
+latents are unpacked on the token grid of the transformer's `img_ids`); the decoder is the pipeline's VAE
+(with its scaling and shift factors) or a TAESD decoder of the pipeline's latents (taesd, taesdxl, taesd3,
+taef1): `taesd_path`, else the file in `guidance_weights_dir`, downloaded there on first use.
 
-The pipeline's weights are never modified (forward hooks add the chosen LoRA delta); leaving the `with`
-block, normally or by an exception or KeyboardInterrupt, removes every hook and scheduler wrapper.
+The pipeline's weights are never left modified (forward hooks add the chosen LoRA delta, or with
+`apply_to="weights"` the deltas are written and copied back); leaving the `with` block, normally or by an
+exception or KeyboardInterrupt, removes every hook and scheduler wrapper and restores every weight.
 diffusers itself is not imported here: any object with the pipeline's attributes works.
 """
 
@@ -45,9 +48,13 @@ from lib_klora.guidance.run import GuidanceModels
 from lib_klora.guidance.scheduler_x0 import x0_map
 from lib_klora.params.model import KLoraParams
 
-__all__ = ["PipelineFusion", "apply_klora", "pipeline_components"]
+__all__ = ["PackedLatents", "PipelineFusion", "apply_klora", "latent_kind", "pipeline_components"]
 
 PathLike = str | os.PathLike[str]
+
+
+def _is_flux(pipe: Any) -> bool:
+    return type(getattr(pipe, "transformer", None)).__name__.startswith("Flux")
 
 
 def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
@@ -60,7 +67,7 @@ def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
     if not components:
         raise FusionError(f"{type(pipe).__name__} has neither a unet nor a transformer")
     encoders = [getattr(pipe, a, None) for a in ("text_encoder", "text_encoder_2", "text_encoder_3")]
-    is_flux = type(getattr(pipe, "transformer", None)).__name__.startswith("Flux")
+    is_flux = _is_flux(pipe)
     if isinstance(encoders[0], nn.Module):  # CLIP-L: kohya's te1 when a second encoder exists
         components["te1" if encoders[1] is not None else "te"] = encoders[0]
     if isinstance(encoders[1], nn.Module):  # FLUX's second encoder is T5, which kohya calls te3
@@ -70,7 +77,26 @@ def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
     return components
 
 
+def latent_kind(pipe: Any) -> str:
+    """The pipeline's latent space, as TAESD decoders are named: "sd", "sdxl", "sd3" or "flux"."""
+    transformer = type(getattr(pipe, "transformer", None)).__name__
+    if _is_flux(pipe):
+        return "flux"
+    if transformer.startswith("SD3"):
+        return "sd3"
+    unet = getattr(pipe, "unet", None)
+    if getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    if isinstance(getattr(pipe, "transformer", None), nn.Module):
+        raise FusionError(
+            f"TAESD decoders exist for SD, SDXL, SD3 and FLUX latents, not {transformer}'s: use "
+            "guidance_decoder='vae'"
+        )
+    return "sd"
+
+
 def _vae_decode(pipe: Any) -> Decode:
+    """The pipeline's own VAE (its scaling and shift factors), differentiable, to [0, 1]."""
     vae = pipe.vae
     scaling = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -82,12 +108,75 @@ def _vae_decode(pipe: Any) -> Decode:
     return decode
 
 
+def _taesd_decode(pipe: Any, kind: str, taesd_path: PathLike | None, weights_dir: Path | None) -> Decode:
+    """A TAESD decoder for the pipeline's latents: `taesd_path`, else `weights_dir`'s file of that kind
+    (downloaded into it on first use; offline, an error naming the URL and the path)."""
+    from lib_klora.guidance.taesd import DECODER_FILES, find_taesd_decoder, load_taesd_decoder
+
+    if taesd_path is None and weights_dir is None:
+        raise FusionError(
+            f"guidance_decoder 'taesd' needs taesd_path= ({DECODER_FILES[kind]} for {kind} latents, from "
+            "github.com/madebyollin/taesd) or guidance_weights_dir= (the decoder is looked for there); "
+            "or use guidance_decoder='vae'"
+        )
+    if taesd_path is not None:
+        path = Path(taesd_path)
+    else:
+        path = find_taesd_decoder(kind, weights_dir, progress=print)  # type: ignore[arg-type]
+    decoder = load_taesd_decoder(path, device=pipe.device)
+    channels = getattr(getattr(getattr(pipe, "vae", None), "config", None), "latent_channels", None)
+    if channels is not None and decoder.latent_channels != int(channels):
+        raise FusionError(
+            f"{path.name} decodes {decoder.latent_channels}-channel latents, this pipeline's VAE makes "
+            f"{channels}: use {DECODER_FILES[kind]} ({kind} latents), or guidance_decoder='vae'"
+        )
+    return decoder.decode
+
+
+class PackedLatents:
+    """FLUX's packed latents [B, (h/2)(w/2), 4C] as the image latents [B, C, h, w] the decoders read.
+
+    The grid comes from the `img_ids` of the transformer's last call (row and column of each token).
+    Guidance differentiates through the unpacking, a permutation, so its nudge lands in packed form with
+    the same per-sample norm: nothing needs repacking.
+    """
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+
+    def grid(self, tokens: int) -> tuple[int, int]:
+        if self.ids is None:
+            raise FusionError("packed latents, but the transformer was not called with img_ids")
+        ids = self.ids[0] if self.ids.ndim == 3 else self.ids
+        ids = ids[:tokens]  # FLUX Kontext appends its reference image's tokens
+        rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        if rows * cols != tokens:
+            raise FusionError(f"img_ids give a {rows}x{cols} grid for {tokens} latent tokens")
+        return rows, cols
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        """The maths of FluxPipeline._unpack_latents, from the token grid."""
+        batch, tokens, features = latents.shape
+        rows, cols = self.grid(tokens)
+        x = latents.view(batch, rows, cols, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(batch, features // 4, rows * 2, cols * 2)
+
+    def decoding(self, decode: Decode) -> Decode:
+        """`decode` reading packed latents too."""
+
+        def decode_packed(latents: torch.Tensor) -> torch.Tensor:
+            return decode(self.unpack(latents) if latents.ndim == 3 else latents)
+
+        return decode_packed
+
+
 class PipelineFusion:
     """A `ModuleFusion` on a pipeline's modules, clocked by the pipeline's scheduler; a context manager."""
 
-    def __init__(self, pipe: Any, fusion: ModuleFusion) -> None:
+    def __init__(self, pipe: Any, fusion: ModuleFusion, packed: PackedLatents | None = None) -> None:
         self.pipe = pipe
         self.fusion = fusion
+        self.packed = packed
         self.scheduler: Any = None
         self._saved: dict[str, Any] = {}
         self._pending = False
@@ -136,7 +225,9 @@ class PipelineFusion:
                 setattr(self.scheduler, name, value)
         self.scheduler, self._saved = None, {}
 
-    def _begin_pass(self, module: nn.Module, args: Any) -> None:
+    def _begin_pass(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if self.packed is not None and kwargs.get("img_ids") is not None:
+            self.packed.ids = kwargs["img_ids"]
         if not self._pending:
             return
         self._pending = False
@@ -145,8 +236,8 @@ class PipelineFusion:
         self.fusion.begin(max(1, math.ceil(timesteps / self._order())))
 
     def _guided(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> torch.Tensor:
-        if sample.ndim != 4:
-            raise FusionError("reference guidance needs image latents [B, C, h, w] (not packed FLUX latents)")
+        if sample.ndim != 4 and not (sample.ndim == 3 and self.packed is not None):
+            raise FusionError(f"reference guidance cannot read latents of shape {tuple(sample.shape)}")
         maps = x0_map(self.scheduler, timestep, sample)
         x0 = maps.to_x0(model_output)
         guided = self.fusion.guide(x0, maps.sigma)
@@ -164,7 +255,7 @@ class PipelineFusion:
             denoiser = next(
                 m for k, m in pipeline_components(self.pipe).items() if k in ("unet", "transformer")
             )
-            self._pre_hook = denoiser.register_forward_pre_hook(self._begin_pass)
+            self._pre_hook = denoiser.register_forward_pre_hook(self._begin_pass, with_kwargs=True)
             self.fusion.install()
         except BaseException:
             self.remove()
@@ -223,7 +314,9 @@ def apply_klora(
     Settings are `KLoraParams` fields, as keywords or as `params`; they are validated before anything is
     read. Reference guidance (``guidance=True`` with ``style_refs``/``subject_refs`` as base64 images)
     loads its CLIP/DINO weights from `guidance_weights_dir` (or `guidance_models`) and the `prompt` for
-    the text term. `apply_to="weights"` (K-LoRA and the baselines) writes the chosen deltas into the
+    the text term; its decoder (``guidance_decoder``) is the pipeline's VAE ("vae") or TAESD ("taesd":
+    `taesd_path`, else the decoder file of the pipeline's latents in the weights folder, downloaded there
+    on first use). `apply_to="weights"` (K-LoRA and the baselines) writes the chosen deltas into the
     denoiser's weights at each layer's switch steps instead of hooking it (no per-step cost; the adapted
     weights' originals are kept on the CPU and copied back bit for bit when the block ends).
     """
@@ -231,25 +324,18 @@ def apply_klora(
         raise TypeError("give the settings either as params or as keywords, not both")
     resolved = klora_params(subject, style, params if params is not None else settings)
     decode: Decode | None = None
-    if resolved.uses_guidance and "transformer" in pipeline_components(pipe):
-        raise FusionError(
-            "reference guidance works on UNet pipelines (SD, SDXL); transformer pipelines (FLUX, SD3) "
-            "pack their latents, which the guidance decoder does not read yet: switch guidance off"
-        )
+    packed: PackedLatents | None = None
     if resolved.uses_guidance:
         if guidance_models is None:
             guidance_models = GuidanceModels(guidance_weights_dir)
         if resolved.guidance_decoder == "vae":
             decode = _vae_decode(pipe)
-        elif taesd_path is not None:
-            from lib_klora.guidance.taesd import load_taesd_decoder
-
-            decode = load_taesd_decoder(Path(taesd_path), device=pipe.device).decode
         else:
-            raise FusionError(
-                "guidance_decoder 'taesd' needs taesd_path= (taesd_decoder.safetensors or taesdxl_decoder"
-                ".safetensors from github.com/madebyollin/taesd); or use guidance_decoder='vae'"
-            )
+            weights_dir = Path(guidance_weights_dir) if guidance_weights_dir else guidance_models.weights_dir
+            decode = _taesd_decode(pipe, latent_kind(pipe), taesd_path, weights_dir)
+        if _is_flux(pipe):
+            packed = PackedLatents()
+            decode = packed.decoding(decode)
     fusion = ModuleFusion(
         pipeline_components(pipe),
         subject,
@@ -262,4 +348,4 @@ def apply_klora(
         cache=cache,
         apply_to=apply_to,
     )
-    return PipelineFusion(pipe, fusion)
+    return PipelineFusion(pipe, fusion, packed)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 
@@ -17,22 +15,21 @@ pytest.importorskip("transformers")
 from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
     HeunDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
 
 from lib_klora.diffusers import apply_klora, pipeline_components
-from lib_klora.engines.torch_module import FusionError
 from lib_klora.tools.cli import main as cli_main
 from tests.tiny_diffusers import (
     hook_count,
     linear_shapes,
+    prompt_embeds,
+    reference_png,
     same_state,
     snapshot,
-    tiny_flux,
+    tiny_flux_pipeline,
     tiny_text_encoder,
     tiny_tokenizer,
     tiny_unet,
@@ -147,12 +144,6 @@ def test_an_interrupt_inside_a_pipeline_callback_restores_everything(sd, sd_pair
     assert torch.equal(_image(sd, steps=4), base)
 
 
-def _png() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 60, 30)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def test_reference_guidance_nudges_x0_inside_the_scheduler_step(sd, sd_pair):
     pytest.importorskip("open_clip")
     pytest.importorskip("timm")
@@ -161,7 +152,9 @@ def test_reference_guidance_nudges_x0_inside_the_scheduler_step(sd, sd_pair):
     models = GuidanceModels(None, random_weights=True)
     images = []
     for guidance in (False, True):
-        settings = dict(guidance=guidance, style_refs=[_png()], guidance_decoder="vae", guidance_end=0.5)
+        settings = dict(
+            guidance=guidance, style_refs=[reference_png()], guidance_decoder="vae", guidance_end=0.5
+        )
         with apply_klora(sd, *sd_pair, guidance_models=models, **settings) as fusion:
             images.append(_image(sd, steps=4))
     assert fusion.fusion.guidance is not None and fusion.fusion.guidance.guided == 2
@@ -209,23 +202,10 @@ def test_sdxl_pipeline_with_both_text_encoders_under_the_policy(tmp_path):
 
 
 def test_flux_pipeline_clocked_by_the_flow_matching_scheduler(tmp_path):
-    transformer = tiny_flux()
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_vae(latent_channels=4),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_flux_pipeline()
+    transformer = pipe.transformer
     pair = write_pair(tmp_path, linear_shapes(transformer, "transformer"))
-    gen = torch.Generator().manual_seed(5)
-    embeds = dict(
-        prompt_embeds=torch.randn(1, 3, 32, generator=gen),
-        pooled_prompt_embeds=torch.randn(1, 32, generator=gen),
-    )
+    embeds = prompt_embeds()
 
     def run() -> torch.Tensor:
         return pipe(
@@ -283,19 +263,3 @@ def test_generate_from_a_local_diffusers_folder(sd, sd_pair, tmp_path):
     args += ["--width", "16", "--height", "16", "--out", str(out), "--map", str(map_png), "--method", "fixed"]
     assert cli_main(args) == 0
     assert Image.open(out).size == (16, 16) and Image.open(map_png).size[0] > 0
-
-
-def test_guidance_on_packed_flux_latents_is_refused_before_sampling(tmp_path):
-    transformer = tiny_flux()
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_vae(),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-    pair = write_pair(tmp_path, linear_shapes(transformer, "transformer"))
-    with pytest.raises(FusionError, match="switch guidance off"):
-        apply_klora(pipe, *pair, guidance=True, style_refs=[_png()])

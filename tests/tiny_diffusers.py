@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from lib_klora.tools.synthetic import make_lora_tensors, write_lora
@@ -141,3 +144,70 @@ def same_state(before: list[dict[str, torch.Tensor]], *modules: nn.Module) -> bo
 
 def hook_count(*modules: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for root in modules for m in root.modules())
+
+
+def tiny_flux_pipeline():
+    """A FluxPipeline around `tiny_flux` (4-channel VAE, packed 16-feature tokens); no text encoders, so
+    it runs from `flux_embeds`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(latent_channels=4),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_flux(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline():
+    """A StableDiffusion3Pipeline with a one-block SD3 transformer (4-channel latents, no text encoders)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=CROSS_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=CROSS_DIM,
+        pos_embed_max_size=16,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(latent_channels=4),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_embeds(seed: int = 5) -> dict[str, torch.Tensor]:
+    """Prompt and pooled embeddings for the encoder-less FLUX and SD3 pipelines."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(1, 3, CROSS_DIM, generator=generator),
+        "pooled_prompt_embeds": torch.randn(1, CROSS_DIM, generator=generator),
+    }
+
+
+def reference_png() -> str:
+    """A reference image for guidance, base64 as the parameter model takes it."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 60, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lib_klora.errors import KLoraError
+from lib_klora.guidance.downloads import Progress, download_file
 from lib_klora.loras.lora_file import PICKLE_SUFFIXES
 
 LATENT_CHANNELS = 4
@@ -28,8 +29,18 @@ WIDTH = 64
 DECODER_FILES = {
     "sd": "taesd_decoder.safetensors",
     "sdxl": "taesdxl_decoder.safetensors",
+    "sd3": "taesd3_decoder.safetensors",  # 16 latent channels
     "flux": "taef1_decoder.safetensors",  # 16 latent channels (Forge's FLUX)
 }
+# The same decoders on the Hugging Face hub, in diffusers' AutoencoderTiny layout (decoder.layers.N keys,
+# which the loader reads; the encoder half in the same file is skipped).
+HUB_REPOS = {
+    "sd": "madebyollin/taesd",
+    "sdxl": "madebyollin/taesdxl",
+    "sd3": "madebyollin/taesd3",
+    "flux": "madebyollin/taef1",
+}
+HUB_FILE = "diffusion_pytorch_model.safetensors"
 
 
 class TaesdError(KLoraError):
@@ -129,6 +140,20 @@ def decoder_from_state_dict(
             raise TaesdError(f"{source}: weights do not fit the TAESD decoder layout: {exc}") from exc
     decoder.eval().requires_grad_(False)
     return decoder
+
+
+def find_taesd_decoder(kind: str, weights_dir: str | Path, *, progress: Progress | None = None) -> Path:
+    """``<weights_dir>/<DECODER_FILES[kind]>``, downloaded from the hub into that folder on first use.
+
+    Offline (or on any download failure) raises :class:`~lib_klora.guidance.downloads.DownloadError` naming
+    the URL to fetch by hand and the path to save it as, as the guidance encoders do.
+    """
+    if kind not in DECODER_FILES:
+        raise TaesdError(f"no TAESD decoder for {kind!r} latents (known: {', '.join(DECODER_FILES)})")
+    local = Path(weights_dir) / DECODER_FILES[kind]
+    if not local.is_file():
+        download_file(HUB_REPOS[kind], HUB_FILE, local, progress=progress)
+    return local
 
 
 def load_taesd_decoder(
