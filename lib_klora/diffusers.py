@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lib_klora.engines.torch_module import FusionError, ModuleFusion, klora_params
+from lib_klora.engines.torch_module import FusionError, ModuleFusion, check_apply_to, klora_params
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.guidance.refine import Decode
 from lib_klora.guidance.run import GuidanceModels
@@ -323,6 +323,7 @@ def apply_klora(
     if params is not None and settings:
         raise TypeError("give the settings either as params or as keywords, not both")
     resolved = klora_params(subject, style, params if params is not None else settings)
+    check_apply_to(apply_to, resolved)
     decode: Decode | None = None
     packed: PackedLatents | None = None
     if resolved.uses_guidance:

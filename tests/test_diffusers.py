@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -263,3 +264,7 @@ def test_generate_from_a_local_diffusers_folder(sd, sd_pair, tmp_path):
     args += ["--width", "16", "--height", "16", "--out", str(out), "--map", str(map_png), "--method", "fixed"]
     assert cli_main(args) == 0
     assert Image.open(out).size == (16, 16) and Image.open(map_png).size[0] > 0
+    written = tmp_path / "weights.png"  # the same fusion written into the weights at the switch steps
+    assert cli_main([*args, "--apply-to", "weights", "--out", str(written)]) == 0
+    hooked, switched = (np.asarray(Image.open(f), dtype=np.int16) for f in (out, written))
+    assert np.abs(hooked - switched).max() <= 2  # 8-bit images of (W0 + ΔW)·x and W0·x + ΔW·x

@@ -79,10 +79,11 @@ from lib_klora.loras.lora_file import read_lora_file
 from lib_klora.params.fields import MAX_NAME_LENGTH
 from lib_klora.params.model import KLoraParams
 
-__all__ = ["FusionError", "ModuleFusion", "klora_params"]
+__all__ = ["APPLY_TO", "FusionError", "ModuleFusion", "check_apply_to", "klora_params"]
 
 PathLike = str | os.PathLike[str]
 _TE_POLICY_LORAS = {"both": (0, 1), "subject": (0,), "style": (1,), "none": ()}
+APPLY_TO = ("activations", "weights")
 
 
 class FusionError(KLoraError):
@@ -102,6 +103,14 @@ def klora_params(
     if names[0] == names[1] and Path(subject).resolve() != Path(style).resolve():
         names[1] = f"{names[1]} (style)"  # two files of one name in different folders
     return KLoraParams(**{"enabled": True, "subject": names[0], "style": names[1], **dict(settings or {})})
+
+
+def check_apply_to(apply_to: str, params: KLoraParams) -> None:
+    """Where the deltas go must suit the method: 'weights' switches precomputed plans only."""
+    if apply_to not in APPLY_TO:
+        raise FusionError(f"apply_to must be 'activations' or 'weights', got {apply_to!r}")
+    if apply_to == "weights" and params.fusion_method is Method.DYNAMIC:
+        raise FusionError("method 'dynamic' decides from the activations: use apply_to='activations'")
 
 
 def _lora_name(path: Path) -> str:
@@ -190,10 +199,7 @@ class ModuleFusion:
         backup_device: str | torch.device = "cpu",
     ) -> None:
         self.params = klora_params(subject, style, params)
-        if apply_to not in ("activations", "weights"):
-            raise FusionError(f"apply_to must be 'activations' or 'weights', got {apply_to!r}")
-        if apply_to == "weights" and self.params.fusion_method is Method.DYNAMIC:
-            raise FusionError("method 'dynamic' decides from the activations: use apply_to='activations'")
+        check_apply_to(apply_to, self.params)
         self.files = (Path(subject), Path(style))
         loras = [read_lora_file(f) for f in self.files]
         check_compatible(loras)
