@@ -113,16 +113,16 @@ def _taesd_decode(pipe: Any, kind: str, taesd_path: PathLike | None, weights_dir
     (downloaded into it on first use; offline, an error naming the URL and the path)."""
     from lib_klora.guidance.taesd import DECODER_FILES, find_taesd_decoder, load_taesd_decoder
 
-    if taesd_path is None and weights_dir is None:
+    if taesd_path is not None:
+        path = Path(taesd_path)
+    elif weights_dir is not None:
+        path = find_taesd_decoder(kind, weights_dir)
+    else:
         raise FusionError(
             f"guidance_decoder 'taesd' needs taesd_path= ({DECODER_FILES[kind]} for {kind} latents, from "
             "github.com/madebyollin/taesd) or guidance_weights_dir= (the decoder is looked for there); "
             "or use guidance_decoder='vae'"
         )
-    if taesd_path is not None:
-        path = Path(taesd_path)
-    else:
-        path = find_taesd_decoder(kind, weights_dir, progress=print)  # type: ignore[arg-type]
     decoder = load_taesd_decoder(path, device=pipe.device)
     channels = getattr(getattr(getattr(pipe, "vae", None), "config", None), "latent_channels", None)
     if channels is not None and decoder.latent_channels != int(channels):

@@ -1,8 +1,9 @@
 """``python -m lib_klora generate``: one image with two LoRAs fused, from a local diffusers model.
 
 The model is a diffusers folder (with ``model_index.json``) or a single-file checkpoint (``.safetensors``;
-diffusers needs the matching config, from ``--config DIR`` or its cache). Nothing is downloaded unless
-``--allow-download`` is given (then ``--model`` may also be a Hugging Face repo id). The K-LoRA settings are
+diffusers needs the matching config, from ``--config DIR`` or its cache). No model file is downloaded unless
+``--allow-download`` is given (then ``--model`` may also be a Hugging Face repo id); reference guidance
+downloads its missing CLIP/DINO/TAESD weights into ``--weights-dir``. The K-LoRA settings are
 validated before any model is loaded, and so is every other option (a bad one exits with code 2 and a
 message, having loaded nothing).
 """
