@@ -35,6 +35,7 @@ from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.options import Method
 from lib_klora.fusion.plan import StepSchedule
 from lib_klora.fusion.scores import compute_scores
+from lib_klora.loras.oft import oft_rank
 from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
@@ -81,8 +82,8 @@ class NetworkCache:
 
 def host_rank(module: Any, weight: torch.Tensor) -> int:
     """The rank bound K-LoRA uses as K for one A1111 NetworkModule, the file reader's definition
-    (`loras/structured.py`): LoRA/LoCon/DoRA their rank, LoHa r1·r2, LoKr the product of its halves' ranks,
-    full (and anything else without a rank) min(out, in·kh·kw)."""
+    (`loras/structured.py`, `loras/oft.py`): LoRA/LoCon/DoRA their rank, LoHa r1·r2, LoKr the product of its
+    halves' ranks, full, OFT/BOFT (network_oft) and anything else without a rank min(out, in·kh·kw)."""
     out_features, in_size = int(weight.shape[0]), int(weight[0].numel())
     if hasattr(module, "w1") and hasattr(module, "w2"):  # network_lokr.NetworkModuleLokr
         return lokr_rank(module.w1, module.w1b, module.w2, module.w2b, out_features, in_size)
@@ -90,6 +91,8 @@ def host_rank(module: Any, weight: torch.Tensor) -> int:
         return loha_rank(module.w1b, module.w2b, out_features, in_size)
     if hasattr(module, "up_model") and getattr(module, "dim", None):
         return int(module.dim)
+    if hasattr(module, "oft_blocks"):  # network_oft.NetworkModuleOFT: a rotation of W
+        return oft_rank(out_features, in_size)
     return full_rank(out_features, in_size)
 
 
