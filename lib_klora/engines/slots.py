@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.options import Method
 from lib_klora.fusion.plan import StepSchedule
 from lib_klora.fusion.scores import compute_scores
-from lib_klora.loras.oft import oft_rank
+from lib_klora.loras.oft import BaseWeights, oft_rank
 from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
@@ -94,6 +95,29 @@ def host_rank(module: Any, weight: torch.Tensor) -> int:
     if hasattr(module, "oft_blocks"):  # network_oft.NetworkModuleOFT: a rotation of W
         return oft_rank(out_features, in_size)
     return full_rank(out_features, in_size)
+
+
+def network_base_weights(nets: Any, cache: NetworkCache, model: Any, names: Sequence[str]) -> BaseWeights:
+    """The model's layer weights for the OFT/BOFT layers of the LoRAs `names`, matched to the file's layers
+    by the Lora extension itself (its `load_network`), so the plan route rotates the weights the host
+    rotates: the pristine ones where Lora keeps a backup of a merged layer."""
+    by_file: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def lookup(path: Path, _canonical: str, stem: str) -> torch.Tensor | None:
+        if not by_file:
+            for name in names:
+                net = cache.load(nets, name, model)
+                weights = {}
+                for module in net.modules.values():
+                    layer = module.sd_module
+                    backup = getattr(layer, "network_weights_backup", None)
+                    weight = backup if isinstance(backup, torch.Tensor) else layer.weight
+                    weights[module.network_key.partition(".")[0]] = weight.detach()
+                by_file[Path(net.network_on_disk.filename).resolve()] = weights
+        return by_file.get(Path(path).resolve(), {}).get(stem)
+
+    info = getattr(model, "sd_checkpoint_info", None)
+    return BaseWeights(lookup, f"a1111:{id(model)}:{getattr(info, 'filename', '')}")
 
 
 class HostDelta:

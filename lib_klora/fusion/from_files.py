@@ -29,6 +29,14 @@ NEEDS_MODEL_HINT = (
 class BaseWeightsNeeded(LoraFileError):
     """A layer's ΔW depends on the base model's weights (OFT/BOFT) and none were given."""
 
+    def __init__(self, path: str | Path, layer: str, hint: str = NEEDS_MODEL_HINT) -> None:
+        super().__init__(
+            path,
+            f"{layer}: its ΔW depends on the base model's weights, which a LoRA file does not hold; {hint}",
+            layer.rpartition(" ")[2],
+        )
+        self.layer = layer  # "OFT layer <stem>"
+
 
 def denoiser_modules(lora: LoraFile, base_weights: BaseWeights | None = None) -> dict:
     """Only denoiser layers take part in per-step selection: a text encoder runs once per prompt, so its
@@ -50,12 +58,7 @@ def bind_base_weights(
             continue
         what = f"{module.format_name} layer {module.stem}"
         if base_weights is None:
-            raise BaseWeightsNeeded(
-                lora.path,
-                f"{what}: its ΔW depends on the base model's weights, which a LoRA file does not hold; "
-                + NEEDS_MODEL_HINT,
-                module.stem,
-            )
+            raise BaseWeightsNeeded(lora.path, what)
         weight = base_weights.lookup(lora.path, name, module.stem)
         if weight is None:
             raise LoraFileError(
