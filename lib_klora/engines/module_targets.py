@@ -171,7 +171,6 @@ class ModuleIndex:
         return Target(f"{root}:{path}", module, 0, size, lora_start, size)
 
 
-
 def module_base_weights(components: Callable[[], Mapping[str, nn.Module]], identity: str) -> BaseWeights:
     """The weights of a torch model's layers for OFT/BOFT layers (`loras/oft.py`), looked up by canonical
     name. `components` is called on the first lookup only, so a model no OFT layer needs is never loaded.
