@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -37,7 +36,7 @@ from lib_klora.loras.structured import full_rank
 
 OFT_PARTS = ("oft_blocks", "oft_diag", "rescale")
 # (file, canonical layer name, key stem as written) -> the base model's weight of that layer, or None
-BaseWeightLookup = Callable[[Path, str, str], "torch.Tensor | None"]
+BaseWeightLookup = Callable[[Path, str, str], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,6 @@ class OftModule:
     stores_rotation: bool = False  # old LyCORIS `oft_diag`
     alpha: float | None = None
     rescale: torch.Tensor | None = None
-
-    needs_base_weight: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         part = "oft_diag" if self.stores_rotation else "oft_blocks"
