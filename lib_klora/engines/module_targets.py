@@ -18,10 +18,13 @@ Host-free and model-library-free: only ``torch.nn`` and names.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
+
+from lib_klora.loras.oft import BaseWeights
 
 # canonical component -> which of the caller's components holds it (first one present wins)
 COMPONENT_ROOTS: dict[str, tuple[str, ...]] = {
@@ -107,6 +110,13 @@ class ModuleIndex:
     def _find(self, root: str, dotted: str) -> tuple[str, nn.Module] | None:
         return self._by_path[root].get(dotted.replace(".", "_"))
 
+    def module(self, canonical: str) -> nn.Module | None:
+        """The Linear/Conv2d a canonical name names as it is (no FLUX split, no fused projection)."""
+        component, sep, path = canonical.partition(":")
+        root = self._root(component) if sep else None
+        found = self._find(root, path) if root is not None else None
+        return found[1] if found is not None and out_features(found[1]) is not None else None
+
     def resolve(self, canonical: str, lora_rows: int) -> list[Target] | None:
         """The targets of one LoRA layer with `lora_rows` output rows, or None when this model lacks it."""
         component, sep, path = canonical.partition(":")
@@ -159,3 +169,18 @@ class ModuleIndex:
                 dotted = f"{parent_path}.{fused_name}"
                 return Target(f"{root}:{dotted}", fused, start, size, lora_start, fused_out)
         return Target(f"{root}:{path}", module, 0, size, lora_start, size)
+
+
+def module_base_weights(components: Callable[[], Mapping[str, nn.Module]], identity: str) -> BaseWeights:
+    """The weights of a torch model's layers for OFT/BOFT layers (`loras/oft.py`), looked up by canonical
+    name. `components` is called on the first lookup only, so a model no OFT layer needs is never loaded.
+    A layer the model keeps fused (`to_qkv`) has no weight of its own here: None."""
+    index: list[ModuleIndex] = []
+
+    def lookup(_path: Path, canonical: str, _stem: str) -> Tensor | None:
+        if not index:
+            index.append(ModuleIndex(components()))
+        module = index[0].module(canonical)
+        return None if module is None else module.weight.detach()
+
+    return BaseWeights(lookup, identity)

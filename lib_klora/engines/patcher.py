@@ -26,6 +26,7 @@ from lib_klora.engines.tracking import PassRecord
 from lib_klora.fusion.options import Method
 from lib_klora.fusion.scores import ScoreTable, compute_scores
 from lib_klora.loras.lora_file import LowRankModule
+from lib_klora.loras.oft import oft_rank
 from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
@@ -204,7 +205,8 @@ def _patch_parts(value: Any) -> tuple[str | None, tuple]:
 def describe_patch(value: Any, part_shape: tuple[int, ...]) -> tuple[LowRankFactors | None, int | None]:
     """`DescribePatch` for Forge's and reForge's patch values (both keep ComfyUI's weight orders):
     ("lora", (up, down, alpha, mid, dora_scale[, reshape])), ("loha", (w1a, w1b, alpha, w2a, w2b, t1, t2,
-    dora)), ("lokr", (w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora)), ("diff", (weight,))."""
+    dora)), ("lokr", (w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora)), ("diff", (weight,)), and reForge's
+    "oft"/"boft" adapters ((blocks, rescale, alpha, dora)); Forge does not read OFT layers."""
     kind, w = _patch_parts(value)
     out_features, in_size = int(part_shape[0]), int(torch.Size(part_shape[1:]).numel())
     if kind == "lora" and len(w) >= 5 and w[4] is not None and (len(w) < 6 or w[5] is None):
@@ -223,6 +225,8 @@ def describe_patch(value: Any, part_shape: tuple[int, ...]) -> tuple[LowRankFact
         return None, lokr_rank(w[0], w[4], w[1], w[6], out_features, in_size)
     if kind == "diff":
         return None, full_rank(out_features, in_size)
+    if kind in ("oft", "boft"):  # reForge's weight adapters; a rotation of W has no lower bound (oft.py)
+        return None, oft_rank(out_features, in_size)
     return None, None
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.options import Method
 from lib_klora.fusion.plan import StepSchedule
 from lib_klora.fusion.scores import compute_scores
+from lib_klora.loras.oft import BaseWeights, oft_rank
 from lib_klora.loras.structured import full_rank, loha_rank, lokr_rank
 from lib_klora.params.model import KLoraParams
 
@@ -81,8 +83,8 @@ class NetworkCache:
 
 def host_rank(module: Any, weight: torch.Tensor) -> int:
     """The rank bound K-LoRA uses as K for one A1111 NetworkModule, the file reader's definition
-    (`loras/structured.py`): LoRA/LoCon/DoRA their rank, LoHa r1·r2, LoKr the product of its halves' ranks,
-    full (and anything else without a rank) min(out, in·kh·kw)."""
+    (`loras/structured.py`, `loras/oft.py`): LoRA/LoCon/DoRA their rank, LoHa r1·r2, LoKr the product of its
+    halves' ranks, full, OFT/BOFT (network_oft) and anything else without a rank min(out, in·kh·kw)."""
     out_features, in_size = int(weight.shape[0]), int(weight[0].numel())
     if hasattr(module, "w1") and hasattr(module, "w2"):  # network_lokr.NetworkModuleLokr
         return lokr_rank(module.w1, module.w1b, module.w2, module.w2b, out_features, in_size)
@@ -90,7 +92,32 @@ def host_rank(module: Any, weight: torch.Tensor) -> int:
         return loha_rank(module.w1b, module.w2b, out_features, in_size)
     if hasattr(module, "up_model") and getattr(module, "dim", None):
         return int(module.dim)
+    if hasattr(module, "oft_blocks"):  # network_oft.NetworkModuleOFT: a rotation of W
+        return oft_rank(out_features, in_size)
     return full_rank(out_features, in_size)
+
+
+def network_base_weights(nets: Any, cache: NetworkCache, model: Any, names: Sequence[str]) -> BaseWeights:
+    """The model's layer weights for the OFT/BOFT layers of the LoRAs `names`, matched to the file's layers
+    by the Lora extension itself (its `load_network`), so the plan route rotates the weights the host
+    rotates: the pristine ones where Lora keeps a backup of a merged layer."""
+    by_file: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def lookup(path: Path, _canonical: str, stem: str) -> torch.Tensor | None:
+        if not by_file:
+            for name in names:
+                net = cache.load(nets, name, model)
+                weights = {}
+                for module in net.modules.values():
+                    layer = module.sd_module
+                    backup = getattr(layer, "network_weights_backup", None)
+                    weight = backup if isinstance(backup, torch.Tensor) else layer.weight
+                    weights[module.network_key.partition(".")[0]] = weight.detach()
+                by_file[Path(net.network_on_disk.filename).resolve()] = weights
+        return by_file.get(Path(path).resolve(), {}).get(stem)
+
+    info = getattr(model, "sd_checkpoint_info", None)
+    return BaseWeights(lookup, f"a1111:{id(model)}:{getattr(info, 'filename', '')}")
 
 
 class HostDelta:

@@ -54,10 +54,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lib_klora.dynamic.branches import Branch, ConvSpec, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.branches import Branch, ConvSpec, DenseBranch, LowRankBranch, SlicedBranch
 from lib_klora.dynamic.hooks import HookSet, install_hooks
 from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector, dynamic_title
-from lib_klora.engines.module_targets import TEXT_ENCODER_COMPONENTS, ModuleIndex, Target
+from lib_klora.engines.module_targets import (
+    TEXT_ENCODER_COMPONENTS,
+    ModuleIndex,
+    Target,
+    module_base_weights,
+)
 from lib_klora.engines.patcher import compute_dtype
 from lib_klora.engines.tracking import PassRecord
 from lib_klora.engines.weight_switch import WeightSwitch
@@ -76,6 +81,7 @@ from lib_klora.fusion.selection_map import render_selection_map
 from lib_klora.guidance.refine import Decode
 from lib_klora.guidance.run import GuidanceModels, GuidanceRun
 from lib_klora.loras.lora_file import read_lora_file
+from lib_klora.loras.oft import OftModule
 from lib_klora.params.fields import MAX_NAME_LENGTH
 from lib_klora.params.model import KLoraParams
 
@@ -127,7 +133,7 @@ class _Hook:
     the selection row of a layer both LoRAs adapt."""
 
     module: nn.Module
-    parts: list[list[tuple[LowRankBranch, Target]]] = field(default_factory=lambda: [[], []])
+    parts: list[list[tuple[LowRankBranch | DenseBranch, Target]]] = field(default_factory=lambda: [[], []])
     row: int | None = None
 
 
@@ -155,12 +161,45 @@ def _branches(module: Any, target: Target, strength: float) -> list[tuple[LowRan
     return out
 
 
+def _oft_branches(module: OftModule, targets: list[Target] | None, strength: float) -> list | None:
+    """An OFT/BOFT layer's ΔW (the rotation of the target's own weight, at `strength`) as a dense branch;
+    None where the layer is not one whole module of the model (a fused projection, a FLUX split)."""
+    if not targets or len(targets) != 1 or not targets[0].whole:
+        return None
+    target = targets[0]
+    weight = target.module.weight
+    if not weight.is_floating_point() or int(weight.shape[0]) != module.out_features:
+        return None
+    conv = ConvSpec.of(target.module) if isinstance(target.module, nn.Conv2d) else None
+    delta = module.delta_for(weight.detach(), weight.device) * strength
+    return [(DenseBranch(delta.to(compute_dtype(target.module)).reshape(weight.shape), conv=conv), target)]
+
+
 def _in_features_fit(module: Any, target: Target) -> bool:
     """The LoRA's down factor reads what the module reads (a grouped conv: one group's inputs)."""
     return module.in_features == int(target.module.weight[0].numel())
 
 
-def _combine(parts: list[tuple[LowRankBranch, Target]]) -> Branch | None:
+def _refuse_oft_weight_switch(loras: list[Any]) -> None:
+    for lora in loras:
+        for name, module in lora.modules.items():
+            if isinstance(module, OftModule) and name.startswith(DENOISER_COMPONENTS):
+                raise FusionError(
+                    f"{lora.path.name}: {module.format_name} layer {module.stem}: apply_to='weights' "
+                    "switches low-rank deltas; an OFT/BOFT LoRA fuses with apply_to='activations'"
+                )
+
+
+def _modules_identity(components: Mapping[str, nn.Module]) -> str:
+    """Names these modules' weights for the score cache (OFT scores hold only for the weights rotated)."""
+    parts = []
+    for name, root in sorted(components.items()):
+        first = next(root.parameters(), None)
+        parts.append(f"{name}:{id(root)}:{0 if first is None else first.data_ptr()}")
+    return "modules:" + ",".join(parts)
+
+
+def _combine(parts: list[tuple[LowRankBranch | DenseBranch, Target]]) -> Branch | None:
     if not parts:
         return None
     if len(parts) == 1 and parts[0][1].whole:
@@ -203,12 +242,20 @@ class ModuleFusion:
         self.files = (Path(subject), Path(style))
         loras = [read_lora_file(f) for f in self.files]
         check_compatible(loras)
+        if apply_to == "weights":
+            _refuse_oft_weight_switch(loras)
+        # OFT/BOFT layers rotate the modules' own weights (their scores are cached for these modules)
+        weights = module_base_weights(lambda: components, _modules_identity(components))
         self.plan: FusionPlan | None = None
         if self.params.fusion_method is Method.DYNAMIC:
-            self.table: ScoreTable = load_score_table(self.files, device=device, cache=cache)
+            self.table: ScoreTable = load_score_table(
+                self.files, device=device, cache=cache, base_weights=weights
+            )
         else:
             settings = self.params.to_plan_settings()
-            self.plan = plan_from_files(*self.files, settings, device=device, cache=cache)
+            self.plan = plan_from_files(
+                *self.files, settings, device=device, cache=cache, base_weights=weights
+            )
             self.table = self.plan.table
         dynamic = None
         if self.params.fusion_method is Method.DYNAMIC:
@@ -265,6 +312,18 @@ class ModuleFusion:
                     self.skipped.append(canonical)
                     continue
                 targets = index.resolve(canonical, module.out_features)
+                if isinstance(module, OftModule):
+                    branches = _oft_branches(module, targets, strengths[which])
+                    if branches is None:
+                        self.skipped.append(canonical)
+                        continue
+                    row = rows.get(canonical) if not is_te else None
+                    key = f"{branches[0][1].name}|{canonical}" + (f"|{which}" if is_te else "")
+                    hook = (text if is_te else denoiser).setdefault(
+                        key, _Hook(branches[0][1].module, row=row)
+                    )
+                    hook.parts[which].extend(branches)
+                    continue
                 fits = targets and _pieces(module) is not None
                 if not fits or not all(_in_features_fit(module, t) for t in targets):
                     self.skipped.append(canonical)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,15 +14,67 @@ from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.plan import FusionPlan, PlanSettings
 from lib_klora.fusion.scores import ScoreTable, compute_scores
 from lib_klora.loras.lora_file import LoraFile, read_lora_file
+from lib_klora.loras.oft import BaseWeights, OftModule, OftShapeError
 
 default_cache = ScoreCache()
 DENOISER_COMPONENTS = ("unet:", "transformer:")
 
 
-def denoiser_modules(lora: LoraFile) -> dict:
+NEEDS_MODEL_HINT = (
+    "score it where the model is: `python -m lib_klora plan --model <diffusers folder or .safetensors "
+    "checkpoint>`, the WebUI's /klora/v1/plan route, or a generation in the WebUI"
+)
+
+
+class BaseWeightsNeeded(LoraFileError):
+    """A layer's ΔW depends on the base model's weights (OFT/BOFT) and none were given."""
+
+    def __init__(self, path: str | Path, layer: str, hint: str = NEEDS_MODEL_HINT) -> None:
+        super().__init__(
+            path,
+            f"{layer}: its ΔW depends on the base model's weights, which a LoRA file does not hold; {hint}",
+            layer.rpartition(" ")[2],
+        )
+        self.layer = layer  # "OFT layer <stem>"
+
+
+def denoiser_modules(lora: LoraFile, base_weights: BaseWeights | None = None) -> dict:
     """Only denoiser layers take part in per-step selection: a text encoder runs once per prompt, so its
-    LoRA layers follow the text-encoder policy instead, and they stay out of scores and γ."""
-    return {name: m for name, m in lora.modules.items() if name.startswith(DENOISER_COMPONENTS)}
+    LoRA layers follow the text-encoder policy instead, and they stay out of scores and γ. OFT/BOFT layers
+    are bound to the base model's weights (`base_weights`); without them they are refused."""
+    chosen = {name: m for name, m in lora.modules.items() if name.startswith(DENOISER_COMPONENTS)}
+    return bind_base_weights(lora, chosen, base_weights)
+
+
+def bind_base_weights(
+    lora: LoraFile, modules: Mapping[str, object], base_weights: BaseWeights | None
+) -> dict:
+    """`modules` with each OFT/BOFT layer bound to its base weight; raises `LoraFileError` naming the file,
+    the layer and what to do when the weight is not there."""
+    out: dict[str, object] = {}
+    for name, module in modules.items():
+        if not isinstance(module, OftModule):
+            out[name] = module
+            continue
+        what = f"{module.format_name} layer {module.stem}"
+        if base_weights is None:
+            raise BaseWeightsNeeded(lora.path, what)
+        weight = base_weights.lookup(lora.path, name, module.stem)
+        if weight is None:
+            raise LoraFileError(
+                lora.path,
+                f"{what}: the model has no layer {name} to rotate (a LoRA for another base model?)",
+                module.stem,
+            )
+        try:
+            out[name] = module.bind(weight)
+        except OftShapeError as exc:
+            raise LoraFileError(lora.path, str(exc), module.stem) from None
+    return out
+
+
+def _uses_base_weights(lora: LoraFile) -> bool:
+    return any(isinstance(m, OftModule) for n, m in lora.modules.items() if n.startswith(DENOISER_COMPONENTS))
 
 
 def check_compatible(loras: Sequence[LoraFile], model_architecture: str | None = None) -> None:
@@ -85,12 +138,15 @@ def load_score_table(
     device: str | torch.device | None = "auto",
     cache: ScoreCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    base_weights: BaseWeights | None = None,
 ) -> ScoreTable:
+    """Scores of the files' layer pairs (cached by file content). `base_weights`: the model's weights, which
+    OFT/BOFT layers need (their scores are cached for that model only); other files do not use them."""
     cache = default_cache if cache is None else cache
     files = [Path(p) for p in paths]
     known = [cache.digests.peek(f) for f in files]
     looked_up = all(known)
-    if looked_up:  # unchanged files: answer without reading them
+    if looked_up:  # unchanged files: answer without reading them (an OFT table is never under this key)
         table = cache.get(tuple(known))  # type: ignore[arg-type]
         if table is not None:
             return table
@@ -98,11 +154,15 @@ def load_score_table(
     for lora in loras:
         cache.digests.remember(lora.path, lora.sha256)
     digests = tuple(lora.sha256 for lora in loras)
-    if not looked_up and (table := cache.get(digests)) is not None:
+    model_bound = base_weights is not None and any(_uses_base_weights(lora) for lora in loras)
+    if model_bound:
+        assert base_weights is not None
+        digests += (hashlib.sha256(base_weights.identity.encode()).hexdigest(),)
+    if (model_bound or not looked_up) and (table := cache.get(digests)) is not None:
         return table
     check_compatible(loras)
     table = compute_scores(
-        [denoiser_modules(lora) for lora in loras],
+        [denoiser_modules(lora, base_weights) for lora in loras],
         device=device,
         progress=progress,
         labels=[str(f) for f in files],
@@ -119,6 +179,9 @@ def plan_from_files(
     device: str | torch.device | None = "auto",
     cache: ScoreCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    base_weights: BaseWeights | None = None,
 ) -> FusionPlan:
-    table = load_score_table([subject, style], device=device, cache=cache, progress=progress)
+    table = load_score_table(
+        [subject, style], device=device, cache=cache, progress=progress, base_weights=base_weights
+    )
     return FusionPlan(table, settings)

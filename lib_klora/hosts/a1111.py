@@ -190,4 +190,13 @@ def register_callbacks() -> None:
     script_callbacks.on_script_unloaded(on_script_unloaded)
     script_callbacks.on_ui_settings(webui.on_ui_settings)
     script_callbacks.on_before_ui(webui.on_before_ui)
-    script_callbacks.on_app_started(webui.make_app_started())
+    script_callbacks.on_app_started(webui.make_app_started(plan_for_names))
+
+
+def plan_for_names(subject: str, style: str, settings: Any) -> Any:
+    """The plan route's plan; OFT/BOFT layers rotate the loaded model's weights, matched by Lora itself."""
+    nets = engine.lora_extension()
+    if nets is None:
+        raise KLoraError("K-LoRA: the built-in Lora extension is not loaded (is it disabled?)")
+    weights = engine.network_base_weights(nets, network_cache, shared.sd_model, (subject, style))
+    return webui.plan_for_names(subject, style, settings, base_weights=weights)

@@ -347,4 +347,22 @@ def register_callbacks(host: str) -> None:
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_ui_settings(webui.on_ui_settings)
     script_callbacks.on_before_ui(webui.on_before_ui)
-    script_callbacks.on_app_started(webui.make_app_started())
+    script_callbacks.on_app_started(webui.make_app_started(plan_for_names))
+
+
+def plan_for_names(subject: str, style: str, settings: Any) -> Any:
+    """The plan route's plan. OFT/BOFT: Forge skips those layers and reForge rotates with ComfyUI's maths
+    (another norm constraint than A1111's), so a plan from the file would not be the host's: refused."""
+    from lib_klora.fusion.from_files import BaseWeightsNeeded
+
+    try:
+        return webui.plan_for_names(subject, style, settings)
+    except BaseWeightsNeeded as exc:
+        raise BaseWeightsNeeded(exc.path, exc.layer, FORGE_OFT_HINT) from None
+
+
+FORGE_OFT_HINT = (
+    "Forge does not apply OFT/BOFT layers and reForge applies them with its own maths, so this route does "
+    "not plan them; a generation on reForge scores them with reForge's own ΔW, and "
+    "`python -m lib_klora plan --model` plans them as AUTOMATIC1111 applies them"
+)

@@ -20,6 +20,7 @@ from lib_klora.engines.job import PickleLoraError, resolve_lora
 from lib_klora.errors import KLoraError
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.plan import FusionPlan, PlanSettings
+from lib_klora.loras.oft import BaseWeights
 from lib_klora.params.model import KLoraParams
 
 TITLE = "K-LoRA"
@@ -189,12 +190,17 @@ def on_before_ui() -> None:
 PlanForNames = Callable[[str, str, PlanSettings], FusionPlan]
 
 
-def plan_for_names(subject: str, style: str, settings: PlanSettings) -> FusionPlan:
-    """The `/klora/v1/plan` route's plan: the LoRA files read by this extension's own reader."""
+def plan_for_names(
+    subject: str, style: str, settings: PlanSettings, base_weights: BaseWeights | None = None
+) -> FusionPlan:
+    """The `/klora/v1/plan` route's plan: the LoRA files read by this extension's own reader; OFT/BOFT
+    layers rotate the loaded model's weights (`base_weights`, from the host)."""
     from lib_klora.fusion.from_files import plan_from_files
 
     files = [lora_file(name) for name in (subject, style)]
-    return plan_from_files(*files, settings, device=score_device(), cache=score_cache)
+    return plan_from_files(
+        *files, settings, device=score_device(), cache=score_cache, base_weights=base_weights
+    )
 
 
 def make_app_started(plan_for_names: PlanForNames = plan_for_names) -> Callable[[Any, Any], None]:

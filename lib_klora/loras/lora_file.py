@@ -25,6 +25,7 @@ import torch
 from lib_klora.errors import LoraFileError
 from lib_klora.loras.flux_names import bfl_name, slot_rows
 from lib_klora.loras.naming import ParsedKey, align_text_encoder, detect_base_architecture, parse_lora_key
+from lib_klora.loras.oft import OFT_PARTS, OftModule, OftShapeError
 from lib_klora.loras.peft_metadata import AdapterSettings, adapter_settings
 from lib_klora.loras.safetensors_header import PICKLE_SUFFIXES, pickle_refusal, read_safetensors
 from lib_klora.loras.structured import (
@@ -35,16 +36,25 @@ from lib_klora.loras.structured import (
     structured_kind,
 )
 
-__all__ = ["PICKLE_SUFFIXES", "LoraFile", "LowRankModule", "SlicedModule", "pickle_refusal", "read_lora_file"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "LoraFile",
+    "LowRankModule",
+    "OftModule",
+    "SlicedModule",
+    "pickle_refusal",
+    "read_lora_file",
+]
 
 _LOW_RANK_PARTS = ("down", "up", "mid")
 _KNOWN_PARTS = {
     *_LOW_RANK_PARTS,
     "alpha",
     "dora_scale",
+    *OFT_PARTS,
     *(p for parts in STRUCTURED_PARTS.values() for p in parts),
 }
-_UNREAD_FORMATS = {"oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "BOFT", "boft_R": "BOFT"}
+_UNREAD_FORMATS = {"oft_R": "BOFT", "boft_R": "BOFT"}  # names no host reads (A1111 reads oft_blocks/oft_diag)
 _FLOAT_SOURCES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
@@ -132,7 +142,7 @@ class SlicedModule:
         return out
 
 
-LoraModule = LowRankModule | StructuredModule | SlicedModule
+LoraModule = LowRankModule | StructuredModule | SlicedModule | OftModule
 
 
 @dataclass
@@ -278,6 +288,37 @@ def _build_structured(
     return module
 
 
+def _build_oft(
+    path: Path, canonical: str, stem: str, slot: Slot, settings: AdapterSettings, dtypes: Mapping[str, str]
+) -> OftModule:
+    """OFT/BOFT (see `oft.py`): the ΔW needs the base weight, so the module is bound to it later."""
+    stores_rotation = "oft_blocks" not in slot
+    part = "oft_diag" if stores_rotation else "oft_blocks"
+    fmt = "OFT"
+    extra = [p for p in slot if p not in ("oft_blocks", "oft_diag", "rescale", "alpha")]
+    if "oft_blocks" in slot and "oft_diag" in slot:
+        extra.insert(0, "oft_diag")
+    if extra:
+        key = slot[extra[0]][0]
+        raise _fail(
+            path, f"{fmt} layer {stem} also has {_part_name(key, stem)} (two formats in one layer)", key
+        )
+    key, blocks = slot[part]
+    _check_weight(path, key, blocks, dtypes, f"{fmt} {part}")
+    rescale = None
+    if "rescale" in slot:
+        _check_weight(path, slot["rescale"][0], slot["rescale"][1], dtypes, f"{fmt} rescale")
+        rescale = slot["rescale"][1]
+    alpha = _alpha(path, slot, stem, 1, settings) if "alpha" in slot else None
+    try:
+        return OftModule(
+            canonical, stem, blocks, stores_rotation=stores_rotation, alpha=alpha, rescale=rescale
+        )
+    except OftShapeError as exc:
+        message = str(exc).replace(" layer ", f" layer {stem} ", 1)
+        raise _fail(path, message, slot[exc.key_part][0] if exc.key_part in slot else key) from None
+
+
 def _group(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Slot], dict[str, str], dict[str, int]]:
     parts: dict[str, Slot] = {}
     stems: dict[str, str] = {}
@@ -298,7 +339,10 @@ def _group(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Slot], dict[s
     return parts, stems, unsupported
 
 
-def _input_size(module: LoraModule) -> int:
+def _input_size(module: LoraModule) -> int | None:
+    """The layer's input size as the file tells it; None for OFT (only the base weight knows it)."""
+    if isinstance(module, OftModule):
+        return None
     return int(module.down.shape[1]) if isinstance(module, LowRankModule) else module.in_features
 
 
@@ -312,6 +356,10 @@ def _flux_layout(path: Path, modules: dict[str, LoraModule]) -> dict[str, LoraMo
             out.setdefault(name, module)
             continue
         layer, slot = target
+        if slot is not None and isinstance(module, OftModule):
+            raise _fail(
+                path, f"OFT layer {module.stem} adapts a slice of FLUX layer {layer}; no host reads that"
+            )
         if slot is None:
             if layer in out:
                 raise _fail(path, f"two layers of this file adapt FLUX layer {layer}", module.stem)
@@ -319,7 +367,12 @@ def _flux_layout(path: Path, modules: dict[str, LoraModule]) -> dict[str, LoraMo
             out[layer] = module
             continue
         assert not isinstance(module, SlicedModule)
-        start, rows, height = slot_rows(slot, _input_size(module), layer)
+        assert not isinstance(module, OftModule)
+        start, rows, height = slot_rows(
+            slot,
+            module.in_features if isinstance(module, StructuredModule) else int(module.down.shape[1]),
+            layer,
+        )
         if module.out_features != rows:
             raise _fail(
                 path,
@@ -343,8 +396,8 @@ def _no_modules_message(unsupported: Mapping[str, int]) -> str:
     unread = sorted({fmt for part, fmt in _UNREAD_FORMATS.items() if part in unsupported})
     if unread:
         return (
-            f"this is a {'/'.join(unread)} file; K-LoRA's file reader (plan, CLI, plan route) reads LoRA, "
-            "LoCon, LoHa, LoKr, full and DoRA layers"
+            f"this is a {'/'.join(unread)} file in a layout no WebUI reads (oft_R/boft_R); K-LoRA reads "
+            "LoRA, LoCon, LoHa, LoKr, full, DoRA, OFT and BOFT (oft_blocks/oft_diag) layers"
         )
     found = ", ".join(sorted(unsupported)[:5]) or "no tensors"
     return f"no LoRA layers found (up/down, LoHa, LoKr or diff weights); saw {found}"
@@ -362,13 +415,20 @@ def _build_lora(
     for canonical, slot in parts.items():
         stem = stems[canonical]
         kind = structured_kind(set(slot))
-        if kind is None:
+        if "oft_blocks" in slot or "oft_diag" in slot:
+            modules[canonical] = _build_oft(path, canonical, stem, slot, settings, dtypes)
+        elif "rescale" in slot and kind is None and "down" not in slot:
+            key = slot["rescale"][0]
+            raise _fail(path, f"OFT layer {stem} has rescale but no oft_blocks", key)
+        elif kind is None:
             modules[canonical] = _build_low_rank(path, canonical, stem, slot, settings, dtypes)
         else:
             modules[canonical] = _build_structured(path, canonical, stem, kind, slot, settings, dtypes)
     if not modules:
         raise _fail(path, _no_modules_message(unsupported))
-    architecture = detect_base_architecture({n: _input_size(m) for n, m in modules.items()}, dict(metadata))
+    # an OFT layer's input size is unknown: its name still counts, its size (0) matches no architecture
+    sizes = {n: _input_size(m) or 0 for n, m in modules.items()}
+    architecture = detect_base_architecture(sizes, dict(metadata))
     # diffusers' "text_encoder" is SDXL's first encoder (kohya "te1"); only the architecture tells.
     aligned = {align_text_encoder(name, architecture): m for name, m in modules.items()}
     for name, module in aligned.items():

@@ -378,7 +378,7 @@ class KLoraParams(BaseModel):
             if name.startswith(("kl_", "guidance_", "clip_", "dino_")) and not self._setting_in_use(name):
                 continue
             if isinstance(value, bool):
-                text = "on" if value else "off"
+                text = "true" if value else "false"
             elif isinstance(value, float):
                 text = format_number(value)
             else:
@@ -418,7 +418,10 @@ class KLoraParams(BaseModel):
         for name in _INFOTEXT_SCALARS:
             key = INFOTEXT_KEYS[name]
             if key in entries:
-                data[name] = unquote(entries[key])
+                text = unquote(entries[key])
+                if isinstance(DEFAULTS[name], bool):
+                    text = LEGACY_INFOTEXT_BOOLEANS.get(str(text).strip().lower(), text)
+                data[name] = text
                 used_key[name] = key
         try:
             return cls(**data, _references_follow=True)
@@ -455,3 +458,7 @@ _FIELD_SET = frozenset(POSITIONAL_FIELDS)
 DEFAULTS: dict[str, Any] = {name: field.default for name, field in KLoraParams.__fields__.items()}
 # The reference images are not written into images' metadata (size, and they may be private photos).
 _INFOTEXT_SCALARS = tuple(name for name in INFOTEXT_KEYS if name != "strengths")
+# Infotexts written before booleans became strict say "on"/"off"; pasting a saved image's infotext keeps
+# working through this mapping, which applies to the infotext's boolean entries only: every other route
+# (API, tag, X/Y/Z cell, CLI) accepts true/false alone.
+LEGACY_INFOTEXT_BOOLEANS = {"on": "true", "off": "false"}

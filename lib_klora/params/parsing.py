@@ -64,10 +64,11 @@ _FLOAT_RANGES: dict[str, tuple[float, bool, float]] = {
 }
 # What "not set" looks like in a text box, a dropdown or a tag; only optional fields accept it.
 _UNSET_WORDS = frozenset({"", "none", "null", "default", "auto", "same"})
-# A boolean is a real bool or, in text (tag, infotext, X/Y/Z cell), true/false or the on/off that the
-# infotext and the X/Y/Z axes write. Nothing else: "yes", 1 or "maybe" are errors on every route.
-_TRUE_WORDS = frozenset({"true", "on"})
-_FALSE_WORDS = frozenset({"false", "off"})
+# A boolean is a real bool or, in text (tag, infotext, X/Y/Z cell, CLI), true/false. Nothing else: "on",
+# "yes", 1 or "maybe" are errors on every route (only a pasted infotext maps the on/off that K-LoRA's
+# infotexts once held, in `model.LEGACY_INFOTEXT_BOOLEANS`).
+_TRUE_WORDS = frozenset({"true"})
+_FALSE_WORDS = frozenset({"false"})
 _FORBIDDEN_NAME_PARTS = ("/", "\\", ":", "<", ">", "..")
 
 

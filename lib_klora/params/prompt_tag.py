@@ -14,7 +14,7 @@ Named keys are the parameter field names (``method``, ``pattern``, ``alpha``, ``
   a ":" would end the item)
 
 Reference images (``style_refs``, ``subject_refs``) cannot be written in a tag; they come from the
-accordion or the API dict, so ``guidance=on`` in a tag uses the images given there.
+accordion or the API dict, so ``guidance=true`` in a tag uses the images given there.
 
 Anything the tag leaves out keeps the base value. An empty positional strength (``<klora:a:b::0.5>``)
 also keeps the base value, so the style strength can be given alone.

@@ -22,7 +22,7 @@ class XyzAxis(NamedTuple):
 
 
 XYZ_AXES: tuple[XyzAxis, ...] = (
-    XyzAxis("[K-LoRA] Enabled", "enabled", "bool", ("on", "off")),
+    XyzAxis("[K-LoRA] Enabled", "enabled", "bool", ("true", "false")),
     XyzAxis("[K-LoRA] Subject LoRA", "subject", "str", None),
     XyzAxis("[K-LoRA] Style LoRA", "style", "str", None),
     XyzAxis("[K-LoRA] Method", "method", "str", CHOICES["method"]),
@@ -33,7 +33,7 @@ XYZ_AXES: tuple[XyzAxis, ...] = (
     XyzAxis("[K-LoRA] Style strength", "style_strength", "float", None),
     XyzAxis("[K-LoRA] KL temperature", "kl_temperature", "float", None),
     XyzAxis("[K-LoRA] KL direction", "kl_direction", "str", CHOICES["kl_direction"]),
-    XyzAxis("[K-LoRA] Guidance", "guidance", "bool", ("on", "off")),
+    XyzAxis("[K-LoRA] Guidance", "guidance", "bool", ("true", "false")),
     XyzAxis("[K-LoRA] Guidance eta", "guidance_eta", "float", None),
     XyzAxis("[K-LoRA] Guidance style weight", "guidance_style", "float", None),
     XyzAxis("[K-LoRA] Guidance subject weight", "guidance_subject", "float", None),

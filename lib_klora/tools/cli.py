@@ -10,12 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lib_klora import __version__
+from lib_klora.engines.module_targets import module_base_weights
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.from_files import plan_from_files
 from lib_klora.fusion.options import MAX_STEPS, PLANNED_METHODS, GammaVariant, Pattern
 from lib_klora.fusion.plan import PlanSettings
 from lib_klora.fusion.schedule import DEFAULT_ALPHA
 from lib_klora.fusion.selection_map import save_selection_map
+from lib_klora.loras.oft import BaseWeights
 
 
 class ProgressBar:
@@ -68,11 +70,34 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
     )
 
 
+def _base_weights(args: argparse.Namespace) -> BaseWeights | None:
+    """`--model`'s layer weights for OFT/BOFT layers; the model is loaded only if a file has such a layer."""
+    if not args.model:
+        return None
+
+    def components() -> dict:
+        from lib_klora.diffusers import pipeline_components
+        from lib_klora.tools.generate import load_pipeline
+
+        options = {"pipeline": args.pipeline, "config": args.config, "dtype": "fp32", "allow_download": False}
+        return pipeline_components(load_pipeline(argparse.Namespace(model=args.model, **options)))
+
+    model = Path(args.model).resolve()
+    stamp = model.stat().st_mtime_ns if model.exists() else 0
+    return module_base_weights(components, f"model:{model}:{args.pipeline}:{stamp}")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     cache = ScoreCache(directory=args.cache_dir) if args.cache_dir else None
     progress = ProgressBar("scoring", enabled=not args.quiet)
     plan = plan_from_files(
-        args.subject, args.style, _settings(args), device=args.device, cache=cache, progress=progress
+        args.subject,
+        args.style,
+        _settings(args),
+        device=args.device,
+        cache=cache,
+        progress=progress,
+        base_weights=_base_weights(args),
     )
     document = plan.to_json(args.steps)
     if args.json == "-":
@@ -164,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--json", help="write the plan as JSON here ('-' for stdout)")
     plan.add_argument("--png", help="write the selection map (layers x steps) here")
+    plan.add_argument(
+        "--model",
+        metavar="DIR_OR_FILE",
+        help="base model (diffusers folder or .safetensors checkpoint, local files only) whose weights "
+        "OFT/BOFT layers rotate; loaded only when a file has such layers",
+    )
+    plan.add_argument(
+        "--pipeline",
+        choices=("sd", "sdxl", "flux"),
+        default="sd",
+        help="--model's type when it is a single file",
+    )
+    plan.add_argument("--config", metavar="DIR", help="local diffusers config for a single-file --model")
     _add_plan_options(plan)
     plan.set_defaults(func=cmd_plan)
 

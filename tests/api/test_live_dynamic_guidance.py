@@ -85,7 +85,7 @@ def test_guidance_nudges_k_diffusion_samplers_and_skips_ddim(plain_reference: by
     assert guided.status == 200, guided.body[:500]
     guided_image = images(guided.json())[0]
     assert pixels(guided_image) != pixels(unguided)
-    assert "K-LoRA guidance: on" in json.loads(guided.json()["info"])["infotexts"][0]
+    assert "K-LoRA guidance: true" in json.loads(guided.json()["info"])["infotexts"][0]
     ddim_plain = images(txt2img(sampler_name="DDIM", alwayson_scripts=klora_args()))[0]
     args = klora_args(guidance=True, style_refs=[STYLE_REF])
     ddim = call("POST", "/sdapi/v1/txt2img", {**BASE, "sampler_name": "DDIM", "alwayson_scripts": args})

@@ -19,6 +19,8 @@ v1.10.1 (tag v1.10.1, commit 82a973c), `extensions-builtin/Lora/`:
   w2a, w2b), `NetworkModuleLokr` (w1/w1a/w1b, w2/w2a/w2b, dim = w2b rows else w1b rows, `make_kron`) and
   `NetworkModuleFull` (`weight` = diff), each with `NetworkModule.finalize_updown`'s reshape, scale and
   multiplier (no Tucker cores, DoRA or bias).
+- `network_oft.py`: `NetworkModuleOFT` (kohya/LyCORIS OFT, old `oft_diag`, BOFT, rescale), in
+  `fake_network_oft.py`.
 
 Deliberate reductions: key matching knows only this file's tiny model (`lora_unet_X` -> `diffusion_model_X`,
 `lora_te_X` -> `transformer_X`, the host's SDXL-style and SD1-TE fallbacks), kohya LoRA, LoHa, LoKr and
@@ -46,6 +48,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lib_klora.tools.synthetic import make_lora_tensors, write_lora
+from tests.hosts.fake_network_oft import NetworkModuleOFT
 
 NetworkWeights = namedtuple("NetworkWeights", ["network_key", "sd_key", "w", "sd_module"])
 
@@ -256,6 +259,8 @@ def _module_type(w: Mapping[str, torch.Tensor]) -> type | None:
         return NetworkModuleLokr
     if "diff" in w:
         return NetworkModuleFull
+    if "oft_blocks" in w or "oft_diag" in w:  # network_oft.ModuleTypeOFT, last in the host's list
+        return NetworkModuleOFT
     return None
 
 

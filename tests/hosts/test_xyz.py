@@ -132,7 +132,7 @@ def test_apply_stores_validated_values(grid: types.ModuleType) -> None:
     p = types.SimpleNamespace()
     run_cell(by_field(grid, "alpha"), p, "2.5")
     run_cell(by_field(grid, "pattern"), p, "S*")
-    run_cell(by_field(grid, "enabled"), p, "on")
+    run_cell(by_field(grid, "enabled"), p, "true")
     run_cell(by_field(grid, "subject"), p, "dog_subject")
     assert p._klora_xyz == {"alpha": 2.5, "pattern": "s*", "enabled": True, "subject": "dog_subject"}
     # what the script does with them
@@ -142,7 +142,7 @@ def test_apply_stores_validated_values(grid: types.ModuleType) -> None:
 
 def test_bool_axis_off(grid: types.ModuleType) -> None:
     p = types.SimpleNamespace()
-    run_cell(by_field(grid, "enabled"), p, "off")
+    run_cell(by_field(grid, "enabled"), p, "false")
     assert p._klora_xyz == {"enabled": False}
 
 

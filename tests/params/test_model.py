@@ -536,12 +536,12 @@ def test_infotext_full_round_trip() -> None:
         "K-LoRA hires pattern": "s",
         "K-LoRA hires alpha": "0.3",
         "K-LoRA hires beta": "-0.7",
-        "K-LoRA map": "on",
+        "K-LoRA map": "true",
         "K-LoRA KL temperature": "2.5",
         "K-LoRA KL direction": "symmetric",
-        "K-LoRA KL per image": "on",
-        "K-LoRA KL hybrid": "on",
-        "K-LoRA guidance": "on",
+        "K-LoRA KL per image": "true",
+        "K-LoRA KL hybrid": "true",
+        "K-LoRA guidance": "true",
         "K-LoRA guidance style": "0.5",
         "K-LoRA guidance subject": "2",
         "K-LoRA guidance subject CLIP": "0.25",
@@ -672,7 +672,7 @@ def test_apply_xyz_validates_and_does_not_mutate() -> None:
     second = apply_xyz(first, "alpha", "2.5")
     assert second == {"pattern": "s*", "alpha": 2.5}
     assert apply_xyz(second, "beta", "") == {**second, "beta": None}
-    assert apply_xyz({}, "enabled", "on") == {"enabled": True}
+    assert apply_xyz({}, "enabled", "true") == {"enabled": True}
     assert apply_xyz({}, "subject", " dog ") == {"subject": "dog"}
     merged = KLoraParams.from_any([True, "dog", "ink"]).with_overrides(second)
     assert (merged.pattern, merged.alpha, merged.subject) == ("s*", 2.5, "dog")
@@ -743,7 +743,7 @@ def test_unused_feature_settings_stay_out_of_the_infotext() -> None:
 
 
 def test_pasted_guidance_waits_for_the_reference_images() -> None:
-    text = {"K-LoRA": "dog:ink", "K-LoRA guidance": "on", "K-LoRA guidance eta": "0.1"}
+    text = {"K-LoRA": "dog:ink", "K-LoRA guidance": "true", "K-LoRA guidance eta": "0.1"}
     pasted = KLoraParams.from_infotext(text)
     assert pasted is not None and pasted.guidance and pasted.guidance_eta == 0.1
     assert not pasted.uses_guidance
@@ -770,23 +770,42 @@ def test_model_names_accept_both_separators() -> None:
             enabled(clip_model=bad)
 
 
-@pytest.mark.parametrize("value", ["yes", "no", "1", "0", 1, 0, 1.0, "maybe", "y", "t"])
+@pytest.mark.parametrize("value", ["yes", "no", "1", "0", 1, 0, 1.0, "maybe", "y", "t", "on", "off", " ON "])
 @pytest.mark.parametrize("field", ["enabled", "show_map", "kl_per_sample", "kl_hybrid", "guidance"])
 def test_booleans_are_strict_on_every_route(field: str, value: object) -> None:
-    """Only a bool, or true/false (and the on/off that infotexts and X/Y/Z write) in text: pydantic v1's
-    coercion of "yes"/1 never runs, the API dict and the tag agree."""
+    """Only a bool, or true/false in text: pydantic v1's coercion of "yes"/1 never runs, and "on"/"off" get
+    the same message as "yes" from the API dict, the tag, an X/Y/Z cell and the library's settings dict."""
     with pytest.raises(ParamsError, match=f"{field}.*must be true or false"):
         KLoraParams.from_any([{field: value, "subject": "a", "style": "b"}])
-    if isinstance(value, str) and value and field != "enabled":  # a tag always enables
+    if not isinstance(value, str):
+        return
+    if field != "enabled":  # a tag always enables
         from lib_klora.params.prompt_tag import params_from_tag
 
-        with pytest.raises(ParamsError, match="must be true or false"):
+        with pytest.raises(ParamsError, match=f"'{field}'.*must be true or false"):
             params_from_tag(["a", "b"], {field: value}, KLoraParams())
+    with pytest.raises(ParamsError, match=f"X/Y/Z axis value for '{field}': must be true or false"):
+        apply_xyz({}, field, value)
+    with pytest.raises(ParamsError, match=f"{field}.*must be true or false"):
+        KLoraParams(**{"enabled": True, "subject": "a", "style": "b", field: value})
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"), [("true", True), ("FALSE", False), ("on", True), ("off", False)]
-)
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("FALSE", False), (" True ", True)])
 def test_boolean_words_in_text(text: str, expected: bool) -> None:
     assert KLoraParams.from_any([{"show_map": text}]).show_map is expected
     assert KLoraParams.from_any([{"show_map": expected}]).show_map is expected
+
+
+def test_infotexts_write_true_false_and_old_on_off_infotexts_still_paste() -> None:
+    params = enabled(show_map=True, method="dynamic", kl_per_sample=True, kl_hybrid=True)
+    text = params.to_infotext()
+    assert text["K-LoRA map"] == "true" and text["K-LoRA KL per image"] == "true"
+    assert KLoraParams.from_infotext(text) == params
+    old = {"K-LoRA": "dog:ink", "K-LoRA map": "on", "K-LoRA method": "dynamic", "K-LoRA KL hybrid": "Off"}
+    pasted = KLoraParams.from_infotext(old)
+    assert pasted is not None and pasted.show_map is True and pasted.kl_hybrid is False
+    # the legacy words are an infotext's only: a non-boolean entry saying "on" is still an error
+    with pytest.raises(ParamsError, match="infotext 'K-LoRA method'"):
+        KLoraParams.from_infotext({"K-LoRA": "dog:ink", "K-LoRA method": "on"})
+    with pytest.raises(ParamsError, match="infotext 'K-LoRA map': must be true or false"):
+        KLoraParams.from_infotext({"K-LoRA": "dog:ink", "K-LoRA map": "yes"})

@@ -138,7 +138,7 @@ def test_every_named_key() -> None:
     p = tag(
         "<klora:dog:ink:subject_strength=0.5:style_strength=-1:method=random:pattern=s*:alpha=2:beta=0.2"
         ":gamma=paper:seed=5:te=subject:hires=separate:hr_method=merge:hr_pattern=s:hr_alpha=1:hr_beta=0.3"
-        ":map=on>"
+        ":map=true>"
     )
     assert p.to_dict() == {
         **KLoraParams().to_dict(),
@@ -161,7 +161,7 @@ def test_every_named_key() -> None:
         "hires_beta": 0.3,
         "show_map": True,
     }
-    long_names = tag("<klora:dog:ink:te_policy=none:hires_alpha=4:show_map=off>")
+    long_names = tag("<klora:dog:ink:te_policy=none:hires_alpha=4:show_map=false>")
     assert (long_names.te_policy, long_names.hires_alpha, long_names.show_map) == ("none", 4.0, False)
 
 
@@ -248,8 +248,8 @@ def test_params_from_prompt_uses_base() -> None:
 
 def test_dynamic_and_guidance_keys() -> None:
     p = tag(
-        "<klora:dog:ink:method=dynamic:kl_temperature=2:kl_direction=symmetric:kl_per_sample=on:kl_hybrid=true"
-        ":guidance=on:guidance_text=0.5:eta=0.1:guidance_start=0.2:guidance_end=0.7:guidance_every=2"
+        "<klora:dog:ink:method=dynamic:kl_temperature=2:kl_direction=symmetric:kl_per_sample=true:kl_hybrid=true"
+        ":guidance=true:guidance_text=0.5:eta=0.1:guidance_start=0.2:guidance_end=0.7:guidance_every=2"
         ":guidance_iters=2:guidance_decoder=vae:clip=ViT-L-14/openai:dino=vit_base_patch16_224.dino>"
     )
     assert (p.method, p.kl_temperature, p.kl_direction, p.kl_per_sample, p.kl_hybrid) == (
@@ -274,7 +274,7 @@ def test_reference_images_cannot_be_written_in_a_tag_but_come_from_the_base() ->
     with pytest.raises(ParamsError, match="unknown key 'style_refs'"):
         tag("<klora:dog:ink:style_refs=abc>")
     base = KLoraParams(style_refs=[REF])
-    p = tag("<klora:dog:ink:guidance=on>", base)
+    p = tag("<klora:dog:ink:guidance=true>", base)
     assert p.style_refs == (REF,) and p.uses_guidance
     with pytest.raises(ParamsError, match="no reference images"):
-        tag("<klora:dog:ink:guidance=on>")
+        tag("<klora:dog:ink:guidance=true>")

@@ -533,6 +533,8 @@ def test_plan_route_bad_steps(plan_client: Any, steps: Any) -> None:
         ({"subject": "subj", "style": "sty", "steps": 5, "params": {"bogus": 1}}, "bogus"),
         ({"subject": "subj", "style": "sty", "steps": 5, "params": [1]}, "params"),
         ({"subject": "subj", "style": "sty", "steps": 5, "png": "yes"}, "png"),
+        ({"subject": "subj", "style": "sty", "steps": 5, "png": "on"}, "png"),
+        ({"subject": "subj", "style": "sty", "steps": 5, "params": {"show_map": "on"}}, "show_map"),
         ({"subject": "subj", "style": "subj", "steps": 5}, "style"),
         ({"subject": "../etc/x", "style": "sty", "steps": 5}, "subject"),
     ],
@@ -606,9 +608,10 @@ def test_version_route_names_the_host_when_given() -> None:
         assert client.get("/klora/v1/version").json() == {"version": "1.2.3", "host": "forge"}
 
 
-@pytest.mark.parametrize("value", ["yes", 1, "1", "maybe"])
+@pytest.mark.parametrize("value", ["yes", 1, "1", "maybe", "on", "off"])
 def test_booleans_in_the_api_dict_are_strict(client: Any, received: list[bytes], value: Any) -> None:
-    """pydantic v1 would coerce "yes" and 1 to True; the validator answers 422 naming the field."""
+    """pydantic v1 would coerce "yes" and 1 to True; the validator answers 422 naming the field, for "on"
+    and "off" with the same message."""
     message = detail(post_json(client, TXT2IMG, request_body([{**VALID_ARGS, "enabled": value}])))
     assert "enabled" in message and "must be true or false" in message
     assert received == []
