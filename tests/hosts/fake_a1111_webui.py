@@ -204,14 +204,15 @@ class Sampler:
     def sample(self, p: Any, steps: int, label: str) -> Any:
         denoiser = self.model_wrap_cfg
         denoiser.p, denoiser.step = p, 0
-        denoiser.total_steps = steps * (2 if self.config.options.get("second_order") else 1)
+        evals_per_step = 2 if self.config.options.get("second_order") else 1  # Heun, DPM2, DPM++ 2S ...
+        denoiser.total_steps = steps * evals_per_step  # SamplerData.total_steps
         state = self.webui.shared.state
         state.sampling_steps, state.sampling_step = steps, 0
         latent = None
         try:
-            for _ in range(steps):
+            for evaluation in range(denoiser.total_steps):
+                state.sampling_step = evaluation // evals_per_step
                 latent = self.webui.denoise(denoiser, label)
-                state.sampling_step += 1
         except InterruptedException:  # launch_sampling: the latent so far
             pass
         return latent
@@ -233,6 +234,7 @@ class Processing:
     hr_second_pass_steps: int = 0
     disable_extra_networks: bool = False
     sampler_name: str = "Euler"
+    second_order: bool = False  # the sampler's config.options["second_order"]
     is_hr_pass: bool = False
     iteration: int = 0
     comments: list[str] = field(default_factory=list)
@@ -248,8 +250,12 @@ class Processing:
     def comment(self, text: str) -> None:
         self.comments.append(text)
 
+    def sampler(self) -> Sampler:
+        """`sd_samplers.create_sampler`: a new sampler (and CFGDenoiser) per pass."""
+        return Sampler(self.webui, types.SimpleNamespace(options={"second_order": self.second_order}))
+
     def sample(self, *args: Any, **kwargs: Any) -> Any:
-        samples = Sampler(self.webui).sample(self, self.steps, "first pass")
+        samples = self.sampler().sample(self, self.steps, "first pass")
         if not self.enable_hr or self.webui.shared.state.interrupted:  # sample_hr_pass returns at once
             return samples
         self.is_hr_pass = True
@@ -257,7 +263,7 @@ class Processing:
             self.webui.activate_extra_networks(self, self.all_hr_prompts[0])
         assert self.scripts is not None
         self.scripts.before_hr(self)
-        samples = Sampler(self.webui).sample(self, self.hr_second_pass_steps or self.steps, "hires pass")
+        samples = self.sampler().sample(self, self.hr_second_pass_steps or self.steps, "hires pass")
         self.is_hr_pass = False
         return samples
 
@@ -359,6 +365,12 @@ class FakeA1111:
         self.shared.sd_model = model
         self.nets.sd_model = model
         self.callbacks.run("on_model_loaded", model)
+
+    def switch_to_loaded_model(self, model: torch.nn.Module) -> None:
+        """`reload_model_weights` of a checkpoint still in memory (`sd_checkpoints_limit` > 1):
+        `reuse_model_from_already_loaded` makes it current without any callback."""
+        self.shared.sd_model = model
+        self.nets.sd_model = model
 
     def load_weights_in_place(self, state_dict: dict[str, torch.Tensor]) -> None:
         """`reload_model_weights` into the current model (Lora's load patch resets its backups)."""

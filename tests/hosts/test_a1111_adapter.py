@@ -101,11 +101,14 @@ def merged(records: list[Evaluation]) -> list[str]:
     return [layer for record in records for layer, _ in record.merges]
 
 
-def assert_exact(host: Host, records: list[Evaluation], schedule: StepSchedule) -> None:
+def assert_exact(
+    host: Host, records: list[Evaluation], schedule: StepSchedule, evals_per_step: int = 1
+) -> None:
     """Every evaluation saw the plan's choice of its step merged, the constant layers their one LoRA."""
     for record in records:
+        step = record.step // evals_per_step
         for i, name in enumerate(MANAGED):
-            want = expected_weight(host, name, slot_deltas(int(schedule.at(record.step)[i])))
+            want = expected_weight(host, name, slot_deltas(int(schedule.at(step)[i])))
             assert torch.equal(record.weights[name], want), (record.label, record.step, name)
         for name, choice in CONSTANT_CHOICE.items():
             assert torch.equal(record.weights[name], expected_weight(host, name, slot_deltas(choice))), name
@@ -240,6 +243,18 @@ def test_hires_passes_get_their_own_choices_and_maps(world: World) -> None:
     assert_clean(world)
 
 
+def test_a_second_order_sampler_switches_per_step_not_per_evaluation(world: World) -> None:
+    host, params = world.host, world.host.params()
+    schedule = plan_schedule(host, params, STEPS)
+    _, _, records = run(world, params, second_order=True)
+    assert_clean(world)
+    assert [record.step for record in records] == list(range(2 * STEPS))  # two evaluations per step
+    assert_exact(host, records, schedule, evals_per_step=2)
+    for record in records[1:]:
+        want = flips(schedule, record.step // 2) if record.step % 2 == 0 else []
+        assert sorted(layer for layer, _ in record.merges) == want, record.step
+
+
 @pytest.mark.parametrize("hires", ["same", "off"])
 @pytest.mark.parametrize("activation", [True, False], ids=["activated", "extra-networks-disabled"])
 def test_each_pass_gets_the_slots_of_its_own_settings(world: World, hires: str, activation: bool) -> None:
@@ -280,6 +295,28 @@ def test_loading_another_checkpoint_restores_at_once(world: World) -> None:
         assert torch.equal(other.layer(name).weight, other_pristine[name]), name
     _, _, records = run(world, None)
     assert_plain(host, records)
+    assert_clean(world)
+
+
+def test_a_model_kept_in_memory_keeps_its_merges_until_a_plain_job(world: World) -> None:
+    """With `sd_checkpoints_limit` > 1 the WebUI switches to a loaded model without any callback."""
+    host, params = world.host, world.host.params()
+    schedule = plan_schedule(host, params, STEPS)
+    run(world, params)
+    other = TinyModel(seed=5)
+    other_pristine = {name: other.layer(name).weight.detach().clone() for name in ALL_LAYERS}
+    world.webui.switch_to_loaded_model(other)
+    run(world, params)  # a job on the other model leaves the first one's merges alone ...
+    world.webui.switch_to_loaded_model(host.model)
+    _, _, records = run(world, params)  # ... so its next identical job re-merges only what it changes
+    assert sorted(layer for layer, _ in records[0].merges) == changed_between(
+        schedule, STEPS - 1, schedule, 0
+    )
+    assert_exact(host, records, schedule)
+    _, _, records = run(world, None)  # a plain job restores both models' layers
+    assert_plain(host, records)
+    for name in ALL_LAYERS:
+        assert torch.equal(other.layer(name).weight, other_pristine[name]), name
     assert_clean(world)
 
 
