@@ -16,7 +16,7 @@ SEED0 = 20_000  # distinct from the validity seeds
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds per pair (default 64)")
-    parser.add_argument("--steps", type=int, default=25, help="sampler steps (DDIM, default 25)")
+    parser.add_argument("--steps", type=int, default=25, help="ancestral DDPM sampler steps (default 25)")
     parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
     parser.add_argument(
         "--methods",
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             "seed0": SEED0,
             "steps": args.steps,
             "cfg": args.cfg,
-            "sampler": "DDIM",
+            "sampler": "DDPM ancestral (trailing, x0 clipped)",
         },
         "world_valid": world_valid,
         "methods": {m: vars(result.mean(m)) for m in args.methods},

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, spec in enumerate(DEFAULT_LORAS):
             if args.loras and spec.name not in args.loras:
                 continue
-            tc = LoraTrain()
+            tc = LoraTrain(steps=spec.steps or LoraTrain.steps)
             sd, stats = train_lora(unet, te, spec, tc, args.seed + 1000 + i, log=log)
             path = save_lora(sd, spec, args.out)
             entry = {
