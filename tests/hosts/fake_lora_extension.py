@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lib_klora.tools.synthetic import make_lora_tensors, write_lora
-from tests.hosts.fake_network_oft import NetworkModuleOFT
+from tests.hosts.fake_network_oft import reference_rotated
 
 NetworkWeights = namedtuple("NetworkWeights", ["network_key", "sd_key", "w", "sd_module"])
 
@@ -214,6 +214,30 @@ class NetworkModuleHada(NetworkModuleLyco):
         updown1 = (self.w1a @ self.w1b.flatten(1)).reshape(output_shape)
         updown2 = (self.w2a @ self.w2b.flatten(1)).reshape(output_shape)
         return self.finalize_updown(updown1 * updown2, orig_weight, output_shape)
+
+
+class NetworkModuleOFT(NetworkModuleLyco):
+    """`oft_blocks` / `oft_diag` layers (network_oft.py): calc_updown(W) = finalize_updown(W' − W)."""
+
+    def __init__(self, net: Network, weights: NetworkWeights) -> None:
+        super().__init__(net, weights)
+        w = weights.w
+        self.stores_rotation = "oft_blocks" not in w
+        self.oft_blocks = w["oft_diag"] if self.stores_rotation else w["oft_blocks"]
+        self.rescale = w.get("rescale")
+        self.scale = 1.0
+        self.dim = int(self.oft_blocks.shape[0])
+
+    def calc_updown(self, orig_weight: torch.Tensor) -> tuple:
+        rotated = reference_rotated(
+            orig_weight,
+            self.oft_blocks,
+            alpha=self.alpha,
+            stores_rotation=self.stores_rotation,
+            rescale=self.rescale,
+        )
+        updown = (rotated - orig_weight.double()).to(orig_weight.dtype)
+        return self.finalize_updown(updown, orig_weight, list(orig_weight.shape))
 
 
 class NetworkModuleLokr(NetworkModuleLyco):

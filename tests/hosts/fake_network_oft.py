@@ -1,5 +1,5 @@
-"""A stand-in for AUTOMATIC1111 v1.10.1's `extensions-builtin/Lora/network_oft.py` (NetworkModuleOFT), and the
-OFT/BOFT maths written out as matrices, independent of `lib_klora/loras/oft.py` (which uses einsums and
+"""AUTOMATIC1111 v1.10.1's OFT/BOFT maths (`extensions-builtin/Lora/network_oft.py`) written out as
+matrices, independent of `lib_klora/loras/oft.py` (which uses einsums and
 reshapes): the reference the tests compare the reader with.
 
 Written from the maths the host implements (nothing copied): kohya `oft_blocks` + alpha (constraint =
@@ -8,8 +8,6 @@ and the multiplier applied last, as `finalize_updown` does (no bias, no DoRA).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -63,41 +61,3 @@ def reference_rotated(
     if rescale is not None:
         out = out * rescale.double().reshape(-1, 1)
     return out.reshape(weight.shape)
-
-
-class NetworkModuleOFT:
-    """What A1111's Lora makes of an `oft_blocks` / `oft_diag` layer: calc_updown(W) = multiplier·(W' − W)."""
-
-    def __init__(self, net: Any, weights: Any) -> None:
-        self.network = net
-        self.network_key = weights.network_key
-        self.sd_key = weights.sd_key
-        self.sd_module = weights.sd_module
-        self.shape = self.sd_module.weight.shape
-        w = weights.w
-        self.stores_rotation = "oft_blocks" not in w
-        self.oft_blocks = w["oft_diag"] if self.stores_rotation else w["oft_blocks"]
-        self.alpha = float(w["alpha"]) if "alpha" in w else None
-        self.rescale = w.get("rescale")
-        self.scale = 1.0
-        self.dora_scale = None
-        self.dim = int(self.oft_blocks.shape[0])
-
-    def multiplier(self) -> float:
-        if "transformer" in self.sd_key[:20]:
-            return self.network.te_multiplier
-        return self.network.unet_multiplier
-
-    def calc_scale(self) -> float:
-        return self.scale
-
-    def calc_updown(self, orig_weight: torch.Tensor) -> tuple[torch.Tensor, None]:
-        rotated = reference_rotated(
-            orig_weight,
-            self.oft_blocks,
-            alpha=self.alpha,
-            stores_rotation=self.stores_rotation,
-            rescale=self.rescale,
-        )
-        updown = (rotated - orig_weight.double()).to(orig_weight.dtype) * self.calc_scale()
-        return updown * self.multiplier(), None
