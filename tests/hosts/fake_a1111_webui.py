@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from tests.hosts.fake_lora_extension import FakeNetworks
+from tests.hosts.module_swap import swapped_modules
 
 KLORA_HOST_MODULES = (
     "lib_klora.hosts.a1111",
@@ -462,30 +463,9 @@ def installed_a1111(tmp_path: Path, nets: FakeNetworks, inputs: tuple) -> Iterat
     """Put the fake `modules` (and gradio, if missing) into sys.modules, import `lib_klora.hosts.a1111`
     against them and register its callbacks; afterwards take all of it (the K-LoRA modules too) out again.
     The Lora fake (`fake_lora_extension.installed`) must already be installed, with `nets.sd_model` loaded."""
-    import lib_klora.hosts as hosts_package
-
     callbacks = Callbacks()
     fakes = {**webui_modules(tmp_path / "models", callbacks, nets.sd_model), **gradio_stand_in()}
-    names = [*fakes, *KLORA_HOST_MODULES]
-    saved = {name: sys.modules.get(name) for name in names}
-    attributes = [name.rsplit(".", 1)[1] for name in KLORA_HOST_MODULES]
-    saved_attributes = {name: getattr(hosts_package, name, None) for name in attributes}
-    for name in KLORA_HOST_MODULES:
-        sys.modules.pop(name, None)
-    sys.modules.update(fakes)
-    try:
+    with swapped_modules(fakes, KLORA_HOST_MODULES):
         a1111 = importlib.import_module("lib_klora.hosts.a1111")
         a1111.register_callbacks()
         yield FakeA1111(a1111, callbacks, fakes["modules.shared"], nets, inputs)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-        for name, value in saved_attributes.items():
-            if value is None:
-                if hasattr(hosts_package, name):
-                    delattr(hosts_package, name)
-            else:
-                setattr(hosts_package, name, value)

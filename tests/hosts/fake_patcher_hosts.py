@@ -47,6 +47,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 # ---------------------------------------------------------------- layers (operations.py / ops.py)
+from tests.hosts.module_swap import swapped_modules
 
 
 class ForgeLinear(nn.Module):
@@ -708,8 +709,6 @@ def installed_webui(tmp_path: Path, lora_dir: Path) -> Iterator[FakeWebUI]:
     `lib_klora.hosts.forge` against them, and take all of it (the K-LoRA modules too) out again."""
     import importlib
 
-    import lib_klora.hosts as hosts_package
-
     callbacks = CallbackLog()
     networks = FakeNetworks(lora_dir)
     fakes = {
@@ -718,15 +717,7 @@ def installed_webui(tmp_path: Path, lora_dir: Path) -> Iterator[FakeWebUI]:
         **reforge_ldm_patched(),
         "networks": networks,
     }
-    names = [*fakes, *KLORA_HOST_MODULES]
-    saved = {name: sys.modules.get(name) for name in names}
-    saved_attrs = {
-        n: getattr(hosts_package, n, None) for n in ("forge", "webui", "job_start", "guidance_glue")
-    }
-    for name in KLORA_HOST_MODULES:
-        sys.modules.pop(name, None)
-    sys.modules.update(fakes)
-    try:
+    with swapped_modules(fakes, KLORA_HOST_MODULES):
         forge = importlib.import_module("lib_klora.hosts.forge")
         yield FakeWebUI(
             forge,
@@ -736,15 +727,3 @@ def installed_webui(tmp_path: Path, lora_dir: Path) -> Iterator[FakeWebUI]:
             networks,
             fakes["modules.shared"],
         )
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-        for attr, value in saved_attrs.items():
-            if value is None:
-                if hasattr(hosts_package, attr):
-                    delattr(hosts_package, attr)
-            else:
-                setattr(hosts_package, attr, value)
