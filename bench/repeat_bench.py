@@ -152,7 +152,7 @@ def a1111_variants(model: SdxlSubset, lora_dir: Path, params: KLoraParams, steps
         sample(None)
         return rewritten[0]
 
-    def klora(restore_after: bool) -> Callable[[], int]:
+    def klora(restore_after: bool, on_activations: bool = False) -> Callable[[], int]:
         def job() -> int:
             rewritten[0] = 0
             nets.load_networks([])  # the job's activation: no <lora> tags, then the slots
@@ -165,6 +165,7 @@ def a1111_variants(model: SdxlSubset, lora_dir: Path, params: KLoraParams, steps
                 None,
                 device="cpu",
                 digest=lambda path: scores.digests.digest(Path(path)),
+                switch_on_activations=on_activations,
             )
             slots.inject_slots(nets, built, is_hires=False)
             sample(lambda d: slots.on_step(built, d, False, 1))
@@ -176,7 +177,12 @@ def a1111_variants(model: SdxlSubset, lora_dir: Path, params: KLoraParams, steps
 
         return job
 
-    return {"stacked": stacked, "klora": klora(False), "klora_restore": klora(True)}
+    return {
+        "stacked": stacked,
+        "klora": klora(False),
+        "klora_hooks": klora(False, on_activations=True),
+        "klora_restore": klora(True),
+    }
 
 
 def forge_variants(

@@ -4,6 +4,11 @@ The built-in Lora stays the only writer of layer weights: two slot networks (sub
 `networks.loaded_networks`; their `.modules.get()` answers with the currently chosen LoRA module, and a
 layer whose choice flips is marked dirty so Lora re-merges exactly that layer from its own backup. Merges
 stay between jobs as Lora's own do (see `kept_merges`): a repeated job re-merges only what it changes.
+
+Layers whose choice changes within a pass can instead stay plain and get the chosen LoRA's low-rank delta
+on their activations from a forward hook (`switch_on_activations`, the "hybrid"; plain LoRA/LoCon layers
+only, others keep merging at the switch): then no weight is rewritten at a switch, and an identical next
+job rewrites none at all.
 This module touches only the Lora extension's modules (found by identity in sys.modules) and plain
 attributes of the processing object; the WebUI's `modules` are imported by `a1111.py`, not here.
 """
@@ -22,7 +27,7 @@ import torch
 
 from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch
 from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
-from lib_klora.dynamic.selectors import DynamicSelector
+from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector
 from lib_klora.engines.job import FusionJob, JobError, on_sampling_failure, resolve_lora
 from lib_klora.engines.kept_merges import (
     kept_layers,
@@ -220,6 +225,20 @@ class DynamicState:
         self.hooks.remove()
 
 
+@dataclass
+class SwitchHooks:
+    """One pass's switching layers on the activation side: hooks read the pass's schedule per step."""
+
+    selector: FusionSelector
+    hooks: HookSet
+    layers: frozenset[str]
+    live: bool = False
+
+    def remove(self) -> None:
+        self.live = False
+        self.hooks.remove()
+
+
 @dataclass(kw_only=True)
 class Job(FusionJob):
     """Everything K-LoRA holds for one generation; lives on `p._klora` and dies with it."""
@@ -235,6 +254,8 @@ class Job(FusionJob):
     unet_touched: dict[str, torch.nn.Module] = field(default_factory=dict)  # UNet layers either LoRA adapts
     adapts: dict[str, tuple[bool, bool]] = field(default_factory=dict)  # per unet_touched: subject, style
     dynamic: DynamicState | None = None
+    switch_on_activations: bool = False  # the hybrid: see the module docstring
+    switching: SwitchHooks | None = None
     sigma: Any = None  # the current evaluation's sigma (guidance scales its nudge by it)
 
 
@@ -253,8 +274,12 @@ def build_job(
     device: torch.device | str,
     digest: Callable[[str], str],
     should_stop: Callable[[], bool] | None = None,
+    switch_on_activations: bool = False,
 ) -> Job:
-    """Load both LoRAs privately through the host loader and score their shared UNet layers (cached)."""
+    """Load both LoRAs privately through the host loader and score their shared UNet layers (cached).
+
+    `switch_on_activations`: serve the layers that switch within a pass by hooks (see the module docstring).
+    """
     params = first_params or hires_params
     if params is None:
         raise ValueError("build_job needs the parameters of at least one pass")
@@ -313,11 +338,68 @@ def build_job(
         touched_modules=[mapping[name] for name in touched if name in mapping],
         selection=selection,
         unet_touched={n: mapping[n] for n in touched if n in mapping and n.startswith(UNET_PREFIX)},
+        switch_on_activations=switch_on_activations,
     )
     job.adapts = {name: (name in loaded[0].modules, name in loaded[1].modules) for name in job.unet_touched}
     if any(p is not None and p.fusion_method is Method.DYNAMIC for p in (first_params, hires_params)):
         job.dynamic = build_dynamic(job, params)
     return job
+
+
+def cached_low_rank_branch(net: Any, key: str, layer: torch.nn.Module, strength: float) -> Branch | None:
+    """The activation-side delta of a plain LoRA/LoCon layer of `net`, or None for any other kind (whose
+    activation form would be a dense ΔW: merging is cheaper). Kept on the privately loaded network, so the
+    factors move to the layer's device once, not once per job."""
+    module = net.modules.get(key)
+    if module is None or not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        return None
+    if not HostDelta(module, layer).exact_low_rank:
+        return None
+    branches = net.__dict__.setdefault("_klora_branches", {})
+    cache_key = (key, float(strength), layer.weight.dtype)
+    branch = branches.get(cache_key)
+    if branch is None:
+        branch = branches[cache_key] = branch_for(module, layer, strength)
+    return branch
+
+
+def hook_switching_layers(job: Job, params: KLoraParams, schedule: StepSchedule) -> None:
+    """Start of a K-LoRA pass: hook the layers whose choice changes within it (when the job switches on
+    activations); Lora leaves them plain, so `sync_merged_layers` restores any that hold a merge."""
+    if job.switching is not None:
+        job.switching.remove()
+        job.switching = None
+    job.selection.hooked = frozenset()
+    if not job.switch_on_activations:
+        return
+    choices = schedule.choices
+    varies = (choices != choices[:, :1]).any(dim=1).tolist()
+    strengths = (params.subject_strength, params.style_strength)
+    branches: dict[str, tuple[Branch | None, Branch | None]] = {}
+    for row, layer in enumerate(job.table.layers):
+        name = layer.canonical
+        module = job.unet_touched.get(name)
+        if not varies[row] or module is None:
+            continue
+        pair = [cached_low_rank_branch(net, name, module, strengths[w]) for w, net in enumerate(job.nets)]
+        if pair[0] is not None and pair[1] is not None:
+            branches[name] = (pair[0], pair[1])
+    if not branches:
+        return
+    selector = FusionSelector(len(job.table.layers))
+    selector.begin_static_pass(choices)
+    state = SwitchHooks(selector, HookSet(), frozenset(branches))
+    state.hooks = install_hooks(
+        {name: job.unet_touched[name] for name in branches},
+        branches,
+        selector,
+        {layer.canonical: row for row, layer in enumerate(job.table.layers)},
+        is_live=lambda: state.live and not job.failed,
+        in_place=True,  # Linear/Conv2d outputs under no_grad are fresh tensors (Lora's patched forwards too)
+    )
+    state.live = True
+    job.switching = state
+    job.selection.hooked = state.layers
 
 
 def branch_for(module: Any, layer: torch.nn.Module, strength: float) -> Branch:
@@ -445,6 +527,8 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
     if params is None:
         if job.dynamic is not None:
             job.dynamic.live = False
+        if job.switching is not None:
+            job.switching.live = False
         return
     new_pass = job.tracker.update(denoiser, int(denoiser.step), int(denoiser.total_steps), evals_per_step)
     label = "hires pass" if is_hires else "first pass"
@@ -455,8 +539,13 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
             assert job.dynamic is not None
             job.dynamic.selector.begin_pass(label, job.tracker.steps)
             job.schedule = None
+            if job.switching is not None:
+                job.switching.remove()
+                job.switching = None
+            job.selection.hooked = frozenset()
         else:
             job.schedule = job.plan_for(params).schedule(job.tracker.steps)
+            hook_switching_layers(job, params, job.schedule)
         if job.dynamic is not None:
             job.dynamic.live = dynamic
         if not any(record.label == label for record in job.passes):
@@ -470,7 +559,10 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
         changed = job.selection.apply(job.schedule.at(job.tracker.step).tolist())
         if not new_pass:
             for i in changed:
-                mark_dirty(job.layer_modules[i])
+                if job.table.layers[i].canonical not in job.selection.hooked:
+                    mark_dirty(job.layer_modules[i])
+        if job.switching is not None:
+            job.switching.selector.set_step(job.tracker.step)
     if new_pass:
         # A previous job or pass may have left another choice merged; a pass of the other kind (hooks vs
         # merges) the opposite state. Layers already right stay as they are.
@@ -483,6 +575,8 @@ def finish(nets: Any, job: Job) -> None:
     job.selection.live = False
     if job.dynamic is not None:
         job.dynamic.remove()
+    if job.switching is not None:
+        job.switching.remove()
     remove_slots(nets)
 
 

@@ -34,6 +34,8 @@ class LayerSelection:
     live: bool = True
     # Method "dynamic": forward hooks apply the denoiser layers' deltas, so no LoRA is merged there.
     denoiser_by_hooks: bool = False
+    # Layers whose choice changes within the pass and that forward hooks serve instead (A1111 hybrid).
+    hooked: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.te_policy not in TE_POLICIES:
@@ -46,7 +48,7 @@ class LayerSelection:
         """Does LoRA `which` apply to `layer` right now? (Only asked for layers that LoRA adapts.)"""
         if not self.live:
             return False
-        if self.denoiser_by_hooks and not self.is_text_encoder(layer):
+        if layer in self.hooked or (self.denoiser_by_hooks and not self.is_text_encoder(layer)):
             return False
         i = self.index.get(layer)
         if i is not None:

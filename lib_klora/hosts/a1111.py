@@ -46,6 +46,7 @@ class KLoraScript(webui.KLoraScriptBase):
                 device=webui.score_device(),
                 digest=lambda path: webui.score_cache.digests.digest(Path(path)),
                 should_stop=lambda: bool(shared.state.interrupted),
+                switch_on_activations=bool(webui.opt("klora_switch_on_activations", True)),
             )
 
         job = job_start.begin_job(p, args, build, check_loras=webui.check_lora_pair)

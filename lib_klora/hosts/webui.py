@@ -155,6 +155,14 @@ def on_ui_settings() -> None:
         "klora_show_map": shared.OptionInfo(
             False, "Add the selection map to outputs by default", section=SETTINGS_SECTION
         ),
+        "klora_switch_on_activations": shared.OptionInfo(
+            True,
+            "AUTOMATIC1111: layers that switch LoRA during sampling take it on their activations",
+            section=SETTINGS_SECTION,
+        ).info(
+            "no weight is rewritten at a switch or by a repeated job; off re-merges those layers at each "
+            "switch (Forge and reForge always work on activations)"
+        ),
         "klora_guidance_offload": shared.OptionInfo(
             True,
             "Move guidance models (CLIP, DINO, TAESD) to the CPU between generations",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lib_klora.engines.slots import Job, NetworkCache, build_job, on_step
@@ -89,7 +90,7 @@ class Host:
         }
         return KLoraParams(**(values | overrides))
 
-    def job(self, first: KLoraParams | None, hires: KLoraParams | None = None) -> Job:
+    def job(self, first: KLoraParams | None, hires: KLoraParams | None = None, **options: Any) -> Job:
         return build_job(
             self.nets,
             self.cache,
@@ -99,6 +100,7 @@ class Host:
             hires,
             device="cpu",
             digest=lambda path: self.scores.digests.digest(Path(path)),
+            **options,
         )
 
     def forward(self) -> torch.Tensor:
@@ -117,11 +119,13 @@ class Host:
         evals_per_step: int = 1,
         stop_after: int | None = None,
         denoiser: FakeDenoiser | None = None,
+        start: int = 0,
     ) -> list[Evaluation]:
-        """Drive one sampler pass: per evaluation, the cfg-denoiser callback, then one UNet forward."""
+        """Drive one sampler pass (from evaluation `start`, to continue one with the same `denoiser`): per
+        evaluation, the cfg-denoiser callback, then one UNet forward."""
         denoiser = denoiser or FakeDenoiser(total_steps=evaluations)
         records = []
-        for i in range(evaluations if stop_after is None else stop_after):
+        for i in range(start, evaluations if stop_after is None else stop_after):
             denoiser.step = i
             self.nets.calc_updown_calls.clear()
             on_step(job, denoiser, is_hires, evals_per_step)
@@ -159,9 +163,58 @@ def expected_weight(host: Host, layer: str, applied: list[tuple[str, float]]) ->
     return weight
 
 
-def slot_deltas(choice: int) -> list[tuple[str, float]]:
-    subject, style = ("subject", SUBJECT_STRENGTH), ("style", STYLE_STRENGTH)
+def slot_deltas(choice: int, params: KLoraParams | None = None) -> list[tuple[str, float]]:
+    """(LoRA, strength) merged for a choice, at the fixture's strengths or those of `params`."""
+    if params is not None:
+        strengths = (params.subject_strength, params.style_strength)
+    else:
+        strengths = (SUBJECT_STRENGTH, STYLE_STRENGTH)
+    subject, style = ("subject", strengths[0]), ("style", strengths[1])
     return {SUBJECT: [subject], STYLE: [style], BOTH: [subject, style]}[choice]
+
+
+def reference_output(host: Host, params: KLoraParams, choices: list[int]) -> torch.Tensor:
+    """TinyModel's forward with every layer merged as the plan says (single-LoRA layers their LoRA, the text
+    encoder both), from the files."""
+    pairs = zip(MANAGED, choices, strict=True)
+    weights = {name: expected_weight(host, name, slot_deltas(choice, params)) for name, choice in pairs}
+    weights[D] = expected_weight(host, D, [("subject", params.subject_strength)])
+    weights[E] = expected_weight(host, E, [("style", params.style_strength)])
+    weights[TE_LAYER] = expected_weight(host, TE_LAYER, slot_deltas(BOTH, params))
+
+    def out(name: str, h: torch.Tensor) -> torch.Tensor:
+        bias = host.pristine[name][1]
+        if weights[name].ndim == 4:
+            return F.conv2d(h, weights[name], bias, padding=1)
+        return F.linear(h, weights[name], bias)
+
+    x, text = host.inputs
+    h = torch.tanh(out(A, x) + out(TE_LAYER, text))
+    h = out(B, h).reshape(-1, 4, 4, 4)
+    h = torch.tanh(out(C, h)).flatten(1)
+    return out(E, out(D, h))
+
+
+def switching(schedule: StepSchedule) -> list[str]:
+    return [name for name, row in zip(MANAGED, schedule.choices.tolist(), strict=True) if len(set(row)) > 1]
+
+
+def assert_like_merges(
+    host: Host, params: KLoraParams, schedule: StepSchedule, records: list[Any], evals_per_step: int = 1
+) -> None:
+    """Each evaluation gave the merged reference's output; switching layers kept plain weights, the rest
+    merged."""
+    hooked_layers = switching(schedule)
+    for record in records:
+        choices = schedule.at(record.step // evals_per_step).tolist()
+        want = reference_output(host, params, choices)
+        torch.testing.assert_close(record.output, want, rtol=1e-4, atol=1e-4)  # summation order differs
+        for name, choice in zip(MANAGED, choices, strict=True):
+            if name in hooked_layers:  # plain weight, the delta comes from the hook
+                assert torch.equal(record.weights[name], host.pristine[name][0]), (record.step, name)
+            else:
+                want = expected_weight(host, name, slot_deltas(choice, params))
+                assert torch.equal(record.weights[name], want), (record.step, name)
 
 
 def expected_choices(job: Job, steps: int) -> StepSchedule:

@@ -35,12 +35,14 @@ from tests.engines.slots_fixtures import (
     D,
     E,
     Host,
+    assert_like_merges,
     assert_pristine,
     dense_delta,
     expected_weight,
     make_host,
     slot_deltas,
     slots_in,
+    switching,
 )
 from tests.hosts.fake_a1111_webui import KLORA_HOST_MODULES, Evaluation, FakeA1111, installed_a1111
 from tests.hosts.fake_lora_extension import TE_LAYER, TinyModel
@@ -54,6 +56,7 @@ SWITCHED_OFF = "K-LoRA was switched off for this image: "
 class World:
     webui: FakeA1111
     host: Host
+    on_activations: bool  # the "klora_switch_on_activations" setting (the hybrid)
 
 
 @pytest.fixture(autouse=True)
@@ -64,14 +67,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+@pytest.fixture(params=[False, True], ids=["merge-at-switch", "on-activations"])
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
     kept_layers.release(None)  # layers of earlier tests' models are no business of this one
     before = {name: sys.modules.get(name) for name in ("modules", *KLORA_HOST_MODULES)}
     hosts = make_host(tmp_path)
     host = next(hosts)
     with installed_a1111(tmp_path, host.nets, host.inputs) as webui:
-        yield World(webui, host)
+        webui.shared.opts.klora_switch_on_activations = request.param
+        yield World(webui, host, request.param)
     next(hosts, None)  # the Lora fake's own checks that it is gone
     kept_layers.release(None)
     assert {name: sys.modules.get(name) for name in before} == before
@@ -102,12 +106,18 @@ def merged(records: list[Evaluation]) -> list[str]:
 
 
 def assert_exact(
-    host: Host, records: list[Evaluation], schedule: StepSchedule, evals_per_step: int = 1
+    world: World, records: list[Evaluation], schedule: StepSchedule, evals_per_step: int = 1
 ) -> None:
-    """Every evaluation saw the plan's choice of its step merged, the constant layers their one LoRA."""
+    """Every evaluation saw the plan's choice of its step merged, the constant layers their one LoRA; when
+    switching on activations, the layers that switch give the merged output from plain weights."""
+    host = world.host
+    if world.on_activations:
+        assert_like_merges(host, host.params(), schedule, records, evals_per_step)
     for record in records:
         step = record.step // evals_per_step
         for i, name in enumerate(MANAGED):
+            if world.on_activations:
+                break
             want = expected_weight(host, name, slot_deltas(int(schedule.at(step)[i])))
             assert torch.equal(record.weights[name], want), (record.label, record.step, name)
         for name, choice in CONSTANT_CHOICE.items():
@@ -163,10 +173,12 @@ def test_a_job_merges_the_plans_choice_per_step_and_adds_its_selection_map(world
     assert_clean(world)
     assert p.comments == []
     assert [record.step for record in records] == list(range(STEPS))
-    assert_exact(host, records, schedule)
-    assert sorted(set(merged(records[:1]))) == sorted(ALL_LAYERS)  # nothing was merged before
-    for record in records[1:]:  # then only the layers whose choice flips at this step
-        assert sorted(layer for layer, _ in record.merges) == flips(schedule, record.step), record.step
+    assert_exact(world, records, schedule)
+    plain = set(switching(schedule)) if world.on_activations else set()  # served by hooks
+    assert sorted(set(merged(records[:1]))) == sorted(set(ALL_LAYERS) - plain)  # nothing was merged before
+    for record in records[1:]:  # then only the layers whose choice flips at this step (none on activations)
+        want = [] if world.on_activations else flips(schedule, record.step)
+        assert sorted(layer for layer, _ in record.merges) == want, record.step
     assert p._klora is None and slots_in(host.nets) == []
     assert p.extra_generation_params.items() >= params.to_infotext().items()
     plan = host.job(params).plan_for(params)
@@ -177,13 +189,26 @@ def test_a_job_merges_the_plans_choice_per_step_and_adds_its_selection_map(world
     assert processed.infotexts[1] == f"K-LoRA selection map, {title}"
 
 
-def test_a_second_identical_job_remerges_only_what_its_steps_change(world: World) -> None:
+def test_a_second_identical_job_remerges_only_what_its_steps_change(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     host, params = world.host, world.host.params()
     schedule = plan_schedule(host, params, STEPS)
     _, _, first = run(world, params)
+    restores: list[str] = []
+    restore = host.nets.network_restore_weights_from_backup
+
+    def counting_restore(module: torch.nn.Module) -> None:
+        restores.append(module.network_layer_name)
+        restore(module)
+
+    monkeypatch.setattr(host.nets, "network_restore_weights_from_backup", counting_restore)
     _, _, records = run(world, params)
     assert_clean(world)
-    assert_exact(host, records, schedule)
+    assert_exact(world, records, schedule)
+    if world.on_activations:  # the hybrid: no layer is restored or merged again
+        assert merged(records) == [] and restores == []
+        return
     at_start = changed_between(schedule, STEPS - 1, schedule, 0)
     assert at_start, "the fixture's layers must end on another choice than they start with"
     assert sorted(layer for layer, _ in records[0].merges) == at_start
@@ -227,8 +252,11 @@ def test_hires_passes_get_their_own_choices_and_maps(world: World) -> None:
     for repeat in range(2):
         _, processed, records = run(world, params, enable_hr=True, hr_second_pass_steps=HIRES_STEPS)
         assert [r.label for r in records] == ["first pass"] * STEPS + ["hires pass"] * HIRES_STEPS
-        assert_exact(host, records[:STEPS], first)
-        assert_exact(host, records[STEPS:], hires)
+        assert_exact(world, records[:STEPS], first)
+        assert_exact(world, records[STEPS:], hires)
+        if world.on_activations:  # only the passes' starts may merge (layers constant in one pass only)
+            assert merged(records[1:STEPS]) == [] and merged(records[STEPS + 1 :]) == []
+            continue
         assert sorted(layer for layer, _ in records[STEPS].merges) == changed_between(
             first, STEPS - 1, hires, 0
         )
@@ -249,9 +277,10 @@ def test_a_second_order_sampler_switches_per_step_not_per_evaluation(world: Worl
     _, _, records = run(world, params, second_order=True)
     assert_clean(world)
     assert [record.step for record in records] == list(range(2 * STEPS))  # two evaluations per step
-    assert_exact(host, records, schedule, evals_per_step=2)
+    assert_exact(world, records, schedule, evals_per_step=2)
     for record in records[1:]:
         want = flips(schedule, record.step // 2) if record.step % 2 == 0 else []
+        want = [] if world.on_activations else want
         assert sorted(layer for layer, _ in record.merges) == want, record.step
 
 
@@ -265,11 +294,11 @@ def test_each_pass_gets_the_slots_of_its_own_settings(world: World, hires: str, 
     )
     assert_clean(world)
     assert [r.label for r in records] == ["first pass"] * STEPS + ["hires pass"] * HIRES_STEPS
-    assert_exact(host, records[:STEPS], plan_schedule(host, params, STEPS))
+    assert_exact(world, records[:STEPS], plan_schedule(host, params, STEPS))
     if hires == "off":
         assert_plain(host, records[STEPS:])
     else:
-        assert_exact(host, records[STEPS:], plan_schedule(host, params, HIRES_STEPS))
+        assert_exact(world, records[STEPS:], plan_schedule(host, params, HIRES_STEPS))
 
 
 # ---------------------------------------------------------------- the model or the extension goes
@@ -284,10 +313,11 @@ def test_loading_another_checkpoint_restores_at_once(world: World) -> None:
     assert_pristine(host)  # the previous model's layers, restored by the callback: no forward needed
     _, _, records = run(world, params)  # K-LoRA on the new model: its own weights plus the deltas
     schedule = plan_schedule(host, params, STEPS)
+    plain = switching(schedule) if world.on_activations else []  # served by hooks
     for record in records:
         for i, name in enumerate(MANAGED):
             want = other_pristine[name].clone()
-            for lora, strength in slot_deltas(int(schedule.at(record.step)[i])):
+            for lora, strength in [] if name in plain else slot_deltas(int(schedule.at(record.step)[i])):
                 want = want + dense_delta(host, lora, name, strength)
             assert torch.equal(record.weights[name], want), (record.step, name)
     world.webui.load_other_checkpoint(host.model)  # and back
@@ -309,10 +339,9 @@ def test_a_model_kept_in_memory_keeps_its_merges_until_a_plain_job(world: World)
     run(world, params)  # a job on the other model leaves the first one's merges alone ...
     world.webui.switch_to_loaded_model(host.model)
     _, _, records = run(world, params)  # ... so its next identical job re-merges only what it changes
-    assert sorted(layer for layer, _ in records[0].merges) == changed_between(
-        schedule, STEPS - 1, schedule, 0
-    )
-    assert_exact(host, records, schedule)
+    at_start = [] if world.on_activations else changed_between(schedule, STEPS - 1, schedule, 0)
+    assert sorted(layer for layer, _ in records[0].merges) == at_start
+    assert_exact(world, records, schedule)
     _, _, records = run(world, None)  # a plain job restores both models' layers
     assert_plain(host, records)
     for name in ALL_LAYERS:
@@ -331,7 +360,7 @@ def test_weights_loaded_in_place_are_never_overwritten_and_get_exact_merges(worl
         key = next(k for k, m in host.model.named_modules() if m is host.model.layer(name))
         assert torch.equal(host.pristine[name][0], loaded[f"{key}.weight"]), name
     _, _, records = run(world, params)
-    assert_exact(host, records, plan_schedule(host, params, STEPS))
+    assert_exact(world, records, plan_schedule(host, params, STEPS))
     assert_clean(world)
 
 
@@ -356,7 +385,7 @@ def test_an_interrupted_job_restores_and_the_next_one_is_exact(world: World) -> 
     assert slots_in(host.nets) == []
     state.interrupted = False  # shared.state.begin() of the next job
     _, _, records = run(world, params)
-    assert_exact(host, records, plan_schedule(host, params, STEPS))
+    assert_exact(world, records, plan_schedule(host, params, STEPS))
     assert_clean(world)
 
 
@@ -383,7 +412,7 @@ def test_a_failing_callback_switches_the_job_off_with_exact_weights(
     assert processed.images == ["image"]  # no selection map of a failed job
     monkeypatch.setattr(slots, "on_step", original)
     _, _, records = run(world, params)
-    assert_exact(host, records, plan_schedule(host, params, STEPS))
+    assert_exact(world, records, plan_schedule(host, params, STEPS))
 
 
 def test_a_job_that_died_before_sampling_leaves_no_slot_behind(world: World) -> None:
@@ -418,7 +447,7 @@ def test_a_failing_sampler_restores_at_once(world: World) -> None:
     assert_pristine(host)
     assert slots_in(host.nets) == []
     _, _, records = run(world, params)
-    assert_exact(host, records, plan_schedule(host, params, STEPS))
+    assert_exact(world, records, plan_schedule(host, params, STEPS))
     assert_clean(world)
 
 
@@ -434,7 +463,7 @@ def test_a_checkpoint_change_during_the_job_fails_it_cleanly(world: World) -> No
         SWITCHED_OFF + "the checkpoint changed during the job (refiner or hires checkpoint)"
     ]
     assert [record.step for record in records] == list(range(STEPS))
-    assert_exact(host, records[:4], plan_schedule(host, params, STEPS))
+    assert_exact(world, records[:4], plan_schedule(host, params, STEPS))
     for record in records[4:]:  # the refiner runs untouched by K-LoRA
         assert record.merges == []
         for name in ALL_LAYERS:
