@@ -524,6 +524,9 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
     params = job.params_for(is_hires)
     if job.failed:
         return
+    for hooks in (h.hooks for h in (job.dynamic, job.switching) if h is not None):
+        if hooks.error is not None:  # the set removed itself: the image would go on without those deltas
+            raise JobError(f"K-LoRA: the forward hook on {hooks.failed_layer} failed: {hooks.error}")
     if params is None:
         if job.dynamic is not None:
             job.dynamic.live = False

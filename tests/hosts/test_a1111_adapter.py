@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lib_klora.hosts as hosts_package
+from lib_klora.dynamic.branches import LowRankBranch
 from lib_klora.engines import slots
 from lib_klora.engines.kept_merges import kept_layers
 from lib_klora.fusion.plan import StepSchedule
@@ -411,6 +412,34 @@ def test_a_failing_callback_switches_the_job_off_with_exact_weights(
     assert_pristine(host)
     assert processed.images == ["image"]  # no selection map of a failed job
     monkeypatch.setattr(slots, "on_step", original)
+    _, _, records = run(world, params)
+    assert_exact(world, records, plan_schedule(host, params, STEPS))
+
+
+@pytest.mark.parametrize("world", [True], indirect=True, ids=["on-activations"])
+def test_a_failing_hook_switches_the_job_off_with_exact_weights(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, params = world.host, world.host.params(show_map=True)
+    per_evaluation = len(switching(plan_schedule(host, params, STEPS)))
+    calls = []
+    original = LowRankBranch.add_into
+
+    def add_into(self: LowRankBranch, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2 * per_evaluation + 1:  # the third evaluation's first hook
+            raise RuntimeError("boom")
+        return original(self, out, x)
+
+    monkeypatch.setattr(LowRankBranch, "add_into", add_into)
+    p, processed, records = run(world, params)
+    assert_clean(world)  # the hook and the callback caught it ...
+    assert len(p.comments) == 1 and p.comments[0].startswith(SWITCHED_OFF + "K-LoRA: the forward hook on ")
+    assert p.comments[0].endswith(" failed: boom")  # ... and the next step said so
+    assert_plain(host, records[3:])  # the rest of the image without K-LoRA, plain weights
+    assert_pristine(host)
+    assert processed.images == ["image"]
+    monkeypatch.setattr(LowRankBranch, "add_into", original)
     _, _, records = run(world, params)
     assert_exact(world, records, plan_schedule(host, params, STEPS))
 
