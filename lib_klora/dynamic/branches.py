@@ -286,4 +286,31 @@ class SlicedBranch:
         return out
 
 
-Branch = LowRankBranch | DenseBranch | SlicedBranch
+class SumBranch:
+    """Several deltas of one layer added together: the activation side of ΔW_a − ΔW_b on a layer whose
+    weight holds ΔW_b merged (A1111's switching layers: a branch at +strength and one at −strength)."""
+
+    def __init__(self, parts: list[LowRankBranch | DenseBranch]) -> None:
+        if not parts:
+            raise ValueError("a sum branch needs at least one part")
+        if len({part.is_conv for part in parts}) > 1:
+            raise ValueError("a sum branch cannot mix conv and linear parts")
+        self.parts = parts
+
+    @property
+    def is_conv(self) -> bool:
+        return self.parts[0].is_conv
+
+    def delta(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        total = self.parts[0].delta(x, out_dtype)
+        for part in self.parts[1:]:
+            total = part.add_into(total, x)
+        return total
+
+    def add_into(self, out: Tensor, x: Tensor) -> Tensor:
+        for part in self.parts:
+            out = part.add_into(out, x)
+        return out
+
+
+Branch = LowRankBranch | DenseBranch | SlicedBranch | SumBranch

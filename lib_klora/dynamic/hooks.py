@@ -76,6 +76,7 @@ def install_hooks(
     is_live: Callable[[], bool],
     *,
     in_place: bool = False,
+    merged: Mapping[str, int] | None = None,
 ) -> HookSet:
     """Hook every module that has a branch: out + the chosen delta (or + the only delta it has).
 
@@ -87,6 +88,10 @@ def install_hooks(
     in-place GEMM for linear layers, no output-sized temporary: the cheapest way to apply a LoRA on the
     activation side). Only for hosts whose layer outputs are fresh tensors no one else holds, as plain
     Linear/Conv2d forwards under no_grad are; never while autograd records.
+
+    `merged`: layers whose weight already holds one choice's LoRA (name -> that choice, static passes
+    only): when the schedule picks it, the output is left alone; the other choice's branch is then the
+    difference of the two deltas.
     """
     checked: list[tuple[str, nn.Module, Branch | None, Branch | None, int | None]] = []
     for name, (subject, style) in branches.items():
@@ -107,7 +112,8 @@ def install_hooks(
 
     hooks = HookSet()
     for name, module, subject, style, index in checked:
-        hook = _make_hook(hooks, name, subject, style, index, selector, is_live, in_place)
+        held = (merged or {}).get(name)
+        hook = _make_hook(hooks, name, subject, style, index, selector, is_live, in_place, held)
         hooks.handles.append(module.register_forward_hook(hook, with_kwargs=True))
     return hooks
 
@@ -121,6 +127,7 @@ def _make_hook(
     selector: DynamicSelector | FusionSelector,
     is_live: Callable[[], bool],
     in_place: bool = False,
+    held: int | None = None,
 ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Tensor | None]:
     def add(branch: Branch, x: Tensor, out: Tensor) -> Tensor:
         if in_place:
@@ -143,6 +150,8 @@ def _make_hook(
             return add(only, x, out)
         assert index is not None
         known = selector.lookup(index)
+        if held is not None and known == held:  # the weight holds this choice's LoRA merged
+            return out
         if known == BOTH:  # the merge baseline: both deltas
             return add(style, x, add(subject, x, out))
         if known is not None:  # a later call of this step, or a schedule: only the chosen delta is needed

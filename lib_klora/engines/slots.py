@@ -5,10 +5,11 @@ The built-in Lora stays the only writer of layer weights: two slot networks (sub
 layer whose choice flips is marked dirty so Lora re-merges exactly that layer from its own backup. Merges
 stay between jobs as Lora's own do (see `kept_merges`): a repeated job re-merges only what it changes.
 
-Layers whose choice changes within a pass can instead stay plain and get the chosen LoRA's low-rank delta
-on their activations from a forward hook (`switch_on_activations`, the "hybrid"; plain LoRA/LoCon layers
-only, others keep merging at the switch): then no weight is rewritten at a switch, and an identical next
-job rewrites none at all.
+Layers whose choice changes within a pass can instead be served on the activation side by a forward hook
+(`switch_on_activations`, the "hybrid"; plain LoRA/LoCon layers only, others keep merging at the switch):
+each such layer keeps one state for the whole pass — plain, or one LoRA merged (`held_lora`) — and the
+hook adds what the step's choice needs on top (the chosen delta, or the difference of the two). Then no
+weight is rewritten at a switch, and an identical next job rewrites none at all.
 This module touches only the Lora extension's modules (found by identity in sys.modules) and plain
 attributes of the processing object; the WebUI's `modules` are imported by `a1111.py`, not here.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch
+from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch, SumBranch
 from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
 from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector
 from lib_klora.engines.job import FusionJob, JobError, on_sampling_failure, resolve_lora
@@ -38,7 +39,7 @@ from lib_klora.engines.kept_merges import (
 )
 from lib_klora.engines.tracking import LayerSelection, PassRecord
 from lib_klora.fusion.cache import ScoreCache
-from lib_klora.fusion.options import Method
+from lib_klora.fusion.options import STYLE, SUBJECT, Method
 from lib_klora.fusion.plan import StepSchedule
 from lib_klora.fusion.scores import compute_scores
 from lib_klora.loras.oft import BaseWeights, oft_rank
@@ -231,7 +232,7 @@ class SwitchHooks:
 
     selector: FusionSelector
     hooks: HookSet
-    layers: frozenset[str]
+    held: dict[str, int | None]  # hooked layer -> the LoRA its weight holds merged (None: plain)
     live: bool = False
 
     def remove(self) -> None:
@@ -363,32 +364,49 @@ def cached_low_rank_branch(net: Any, key: str, layer: torch.nn.Module, strength:
     return branch
 
 
+def held_lora(choices: Sequence[int], ranks: tuple[int, int]) -> int | None:
+    """The state a switching layer keeps through a pass: None (plain weight) or the LoRA merged into it,
+    whichever makes its hook cheapest. Cost in rank units per evaluation (the low-rank matmuls scale with
+    it): a plain layer pays the chosen LoRA's rank at every step; a layer holding LoRA L pays both ranks
+    (the difference branch) at the steps that choose the other one, nothing at L's. Ties stay plain."""
+    costs: dict[int | None, int] = {None: sum(ranks[c] for c in choices)}
+    for held in (SUBJECT, STYLE):
+        costs[held] = sum(c != held for c in choices) * (ranks[0] + ranks[1])
+    return min(costs, key=lambda held: costs[held])
+
+
 def hook_switching_layers(job: Job, params: KLoraParams, schedule: StepSchedule) -> None:
     """Start of a K-LoRA pass: hook the layers whose choice changes within it (when the job switches on
-    activations); Lora leaves them plain, so `sync_merged_layers` restores any that hold a merge."""
+    activations), each holding its `held_lora` state, which `sync_merged_layers` then merges or restores."""
     if job.switching is not None:
         job.switching.remove()
         job.switching = None
-    job.selection.hooked = frozenset()
+    job.selection.hooked = {}
     if not job.switch_on_activations:
         return
-    choices = schedule.choices
-    varies = (choices != choices[:, :1]).any(dim=1).tolist()
     strengths = (params.subject_strength, params.style_strength)
     branches: dict[str, tuple[Branch | None, Branch | None]] = {}
-    for row, layer in enumerate(job.table.layers):
-        name = layer.canonical
+    held: dict[str, int | None] = {}
+    for row, choices in enumerate(schedule.choices.tolist()):
+        name = job.table.layers[row].canonical
         module = job.unet_touched.get(name)
-        if not varies[row] or module is None:
-            continue
+        if len(set(choices)) == 1 or not set(choices) <= {SUBJECT, STYLE} or module is None:
+            continue  # constant (merged and kept), or a "both" step (merged at the switch)
         pair = [cached_low_rank_branch(net, name, module, strengths[w]) for w, net in enumerate(job.nets)]
-        if pair[0] is not None and pair[1] is not None:
-            branches[name] = (pair[0], pair[1])
+        if not isinstance(pair[0], LowRankBranch) or not isinstance(pair[1], LowRankBranch):
+            continue  # no low-rank form: merged at the switch
+        keep = held_lora(choices, (pair[0].rank, pair[1].rank))
+        if keep is not None:  # the other choice adds its delta and takes the held one's out
+            minus = cached_low_rank_branch(job.nets[keep], name, module, -strengths[keep])
+            assert minus is not None
+            pair[1 - keep] = SumBranch([pair[1 - keep], minus])
+        branches[name] = (pair[0], pair[1])
+        held[name] = keep
     if not branches:
         return
     selector = FusionSelector(len(job.table.layers))
-    selector.begin_static_pass(choices)
-    state = SwitchHooks(selector, HookSet(), frozenset(branches))
+    selector.begin_static_pass(schedule.choices)
+    state = SwitchHooks(selector, HookSet(), held)
     state.hooks = install_hooks(
         {name: job.unet_touched[name] for name in branches},
         branches,
@@ -396,10 +414,11 @@ def hook_switching_layers(job: Job, params: KLoraParams, schedule: StepSchedule)
         {layer.canonical: row for row, layer in enumerate(job.table.layers)},
         is_live=lambda: state.live and not job.failed,
         in_place=True,  # Linear/Conv2d outputs under no_grad are fresh tensors (Lora's patched forwards too)
+        merged={name: keep for name, keep in held.items() if keep is not None},
     )
     state.live = True
     job.switching = state
-    job.selection.hooked = state.layers
+    job.selection.hooked = dict(held)
 
 
 def branch_for(module: Any, layer: torch.nn.Module, strength: float) -> Branch:
@@ -545,7 +564,7 @@ def on_step(job: Job, denoiser: Any, is_hires: bool, evals_per_step: int) -> Non
             if job.switching is not None:
                 job.switching.remove()
                 job.switching = None
-            job.selection.hooked = frozenset()
+            job.selection.hooked = {}
         else:
             job.schedule = job.plan_for(params).schedule(job.tracker.steps)
             hook_switching_layers(job, params, job.schedule)

@@ -34,8 +34,9 @@ class LayerSelection:
     live: bool = True
     # Method "dynamic": forward hooks apply the denoiser layers' deltas, so no LoRA is merged there.
     denoiser_by_hooks: bool = False
-    # Layers whose choice changes within the pass and that forward hooks serve instead (A1111 hybrid).
-    hooked: frozenset[str] = frozenset()
+    # Layers whose choice changes within the pass, served by forward hooks (A1111 hybrid) -> the LoRA
+    # their weight holds merged meanwhile (None: plain weight).
+    hooked: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.te_policy not in TE_POLICIES:
@@ -48,7 +49,9 @@ class LayerSelection:
         """Does LoRA `which` apply to `layer` right now? (Only asked for layers that LoRA adapts.)"""
         if not self.live:
             return False
-        if layer in self.hooked or (self.denoiser_by_hooks and not self.is_text_encoder(layer)):
+        if layer in self.hooked:
+            return self.hooked[layer] == which
+        if self.denoiser_by_hooks and not self.is_text_encoder(layer):
             return False
         i = self.index.get(layer)
         if i is not None:

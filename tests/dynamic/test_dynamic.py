@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lib_klora.dynamic import hooks
 from lib_klora.dynamic import selectors as dynamic
-from lib_klora.dynamic.branches import ConvSpec, LowRankBranch
+from lib_klora.dynamic.branches import ConvSpec, LowRankBranch, SumBranch
 from lib_klora.dynamic.hooks import install_hooks
 from lib_klora.dynamic.kl import LABELS, choose, kl_divergences, subsample_tokens
 from lib_klora.dynamic.selectors import DynamicSelector
@@ -215,6 +215,24 @@ def test_linear_branch_equals_the_dense_delta() -> None:
     want = F.linear(x, 0.3 * up @ down)
     torch.testing.assert_close(branch.delta(x), want, rtol=1e-5, atol=1e-5)
     assert not branch.is_conv and branch.rank == 4 and branch.out_features == 12
+
+
+def test_sum_branch_adds_its_parts_and_a_negative_part_takes_a_merged_delta_out() -> None:
+    g = _gen(11)
+    up_a, down_a = torch.randn(12, 4, generator=g), torch.randn(4, 20, generator=g)
+    up_b, down_b = torch.randn(12, 2, generator=g), torch.randn(2, 20, generator=g)
+    weight, x = torch.randn(12, 20, generator=g), torch.randn(2, 7, 20, generator=g)
+    difference = SumBranch([LowRankBranch(up_a, down_a, 0.3), LowRankBranch(up_b, down_b, -0.7)])
+    torch.testing.assert_close(difference.delta(x), F.linear(x, 0.3 * up_a @ down_a - 0.7 * up_b @ down_b))
+    held = F.linear(x, weight + 0.7 * up_b @ down_b)  # a layer holding b merged, switched to a
+    want = F.linear(x, weight + 0.3 * up_a @ down_a)
+    torch.testing.assert_close(difference.add_into(held.clone(), x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one part"):
+        SumBranch([])
+    up_conv, down_conv = torch.randn(12, 2, generator=g), torch.randn(2, 3, 3, 3, generator=g)
+    conv = LowRankBranch(up_conv, down_conv, conv=ConvSpec((3, 3)))
+    with pytest.raises(ValueError, match="mix conv and linear"):
+        SumBranch([LowRankBranch(up_a, down_a), conv])
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The A1111 engine's hybrid: layers that switch within a pass on the activation side, the rest merged.
 
 References are computed here from the LoRA files (merged weights, `slots_fixtures.expected_weight`); the
-hooked layers must give the same outputs as those merges while their weights stay plain.
+hooked layers must give the same outputs as those merges while their weights keep one state all pass.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tests.engines.slots_fixtures import (
     assert_like_merges,
     assert_pristine,
     expected_choices,
+    held_states,
     make_host,
     switching,
 )
@@ -88,7 +89,8 @@ def test_switching_layers_stay_plain_and_get_the_chosen_delta_on_their_activatio
     finish(host.nets, job)
     schedule = expected_choices(job, STEPS)
     assert switching(schedule), "the fixture's plan must switch some layer within the pass"
-    assert job.selection.hooked == frozenset(switching(schedule))
+    assert job.selection.hooked == held_states(schedule)
+    assert set(held_states(schedule).values()) - {None}, "the fixture must hold a LoRA in some layer"
     assert_like_merges(host, params, schedule, records)
     assert merged(records[1:]) == [] and restores == first_step  # no switch rewrites a weight
     assert hooked(host) == []  # the hooks end with the job
@@ -139,7 +141,7 @@ def test_a_hires_pass_hooks_the_layers_that_switch_in_it(host: Host) -> None:
     inject_slots(host.nets, job, is_hires=True)
     records = host.sample(job, 4, is_hires=True, denoiser=FakeDenoiser(total_steps=4))
     schedule = job.plan_for(hires).schedule(4)
-    assert job.selection.hooked == frozenset(switching(schedule))
+    assert job.selection.hooked == held_states(schedule)
     assert_like_merges(host, hires, schedule, records)
     teardown(host.nets, job)
     assert_pristine(host)
@@ -153,7 +155,7 @@ def test_a_dynamic_pass_takes_the_switching_layers_hooks_off(host: Host) -> None
     assert job.switching is not None and job.selection.hooked
     inject_slots(host.nets, job, is_hires=True)
     host.sample(job, 2, is_hires=True, denoiser=FakeDenoiser(total_steps=2))
-    assert job.switching is None and job.selection.hooked == frozenset()
+    assert job.switching is None and job.selection.hooked == {}
     assert all(len(host.model.layer(name)._forward_hooks) == 1 for name in (A, B, C, D, E))  # dynamic's own
     teardown(host.nets, job)
     assert hooked(host) == []

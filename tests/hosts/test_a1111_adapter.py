@@ -40,6 +40,7 @@ from tests.engines.slots_fixtures import (
     assert_pristine,
     dense_delta,
     expected_weight,
+    held_states,
     make_host,
     slot_deltas,
     slots_in,
@@ -175,7 +176,8 @@ def test_a_job_merges_the_plans_choice_per_step_and_adds_its_selection_map(world
     assert p.comments == []
     assert [record.step for record in records] == list(range(STEPS))
     assert_exact(world, records, schedule)
-    plain = set(switching(schedule)) if world.on_activations else set()  # served by hooks
+    held = held_states(schedule) if world.on_activations else {}  # served by hooks
+    plain = {name for name, keep in held.items() if keep is None}
     assert sorted(set(merged(records[:1]))) == sorted(set(ALL_LAYERS) - plain)  # nothing was merged before
     for record in records[1:]:  # then only the layers whose choice flips at this step (none on activations)
         want = [] if world.on_activations else flips(schedule, record.step)
@@ -314,11 +316,12 @@ def test_loading_another_checkpoint_restores_at_once(world: World) -> None:
     assert_pristine(host)  # the previous model's layers, restored by the callback: no forward needed
     _, _, records = run(world, params)  # K-LoRA on the new model: its own weights plus the deltas
     schedule = plan_schedule(host, params, STEPS)
-    plain = switching(schedule) if world.on_activations else []  # served by hooks
+    held = held_states(schedule) if world.on_activations else {}  # served by hooks, one state all pass
     for record in records:
         for i, name in enumerate(MANAGED):
             want = other_pristine[name].clone()
-            for lora, strength in [] if name in plain else slot_deltas(int(schedule.at(record.step)[i])):
+            choice = held[name] if name in held else int(schedule.at(record.step)[i])
+            for lora, strength in [] if choice is None else slot_deltas(choice):
                 want = want + dense_delta(host, lora, name, strength)
             assert torch.equal(record.weights[name], want), (record.step, name)
     world.webui.load_other_checkpoint(host.model)  # and back
