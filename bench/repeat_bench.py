@@ -108,6 +108,27 @@ class Timings:
     repeat_params: list[int] = field(default_factory=list)
 
 
+def hook_work(model: SdxlSubset, steps: int, job: Callable[[], int]) -> float:
+    """Multiply-adds of the hooks' low-rank matmuls in one run of `job`, as a fraction of the layers' own:
+    the activation-side cost without timing noise (the same count on any hardware)."""
+    done = [0]
+    add_into = LowRankBranch.add_into
+
+    def counting(self: LowRankBranch, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        done[0] += (x.numel() // x.shape[-1]) * self.rank * (x.shape[-1] + self.out_features)
+        return add_into(self, out, x)
+
+    LowRankBranch.add_into = counting  # type: ignore[method-assign]
+    try:
+        job()
+    finally:
+        LowRankBranch.add_into = add_into  # type: ignore[method-assign]
+    own = steps * sum(
+        x.shape[0] * o * i for x, (o, i) in zip(model.inputs, model.shapes.values(), strict=True)
+    )
+    return done[0] / own
+
+
 def run_variant(timings: Timings, jobs: int, job: Callable[[], int]) -> None:
     for index in range(jobs):
         start = time.process_time()  # CPU seconds of this process: robust to other jobs on a shared machine
@@ -349,6 +370,13 @@ def main() -> None:
         with installed(model, lora_dir):
             variants = a1111_variants(model, lora_dir, params, args.steps)
             variants["klora"]()  # warm-up: load both LoRAs, compute and cache the scores
+            work = {"hook_macs_vs_layers": hook_work(model, args.steps, variants["klora"])}
+            held_lora = slots.held_lora
+            slots.held_lora = lambda choices, ranks: None  # every switching layer plain
+            try:
+                work["plain_hook_macs_vs_layers"] = hook_work(model, args.steps, variants["klora"])
+            finally:
+                slots.held_lora = held_lora
             for _ in range(args.rounds if "a1111" in hosts else 0):
                 for name, job in variants.items():
                     run_variant(results.setdefault(f"a1111_{name}", Timings()), args.jobs, job)
@@ -376,7 +404,11 @@ def main() -> None:
         per_step = fastest["a1111_stacked"][1] / args.steps
         print(f"A1111 K-LoRA, repeated job: {extra:+.3f}s over stacked; stacked: {per_step:.3f}s per step")
 
-    ratios: dict[str, str] = {}
+    print(
+        f"hook multiply-adds per A1111 K-LoRA job: {work['hook_macs_vs_layers']:.2%} of the layers' own "
+        f"(every switching layer plain: {work['plain_hook_macs_vs_layers']:.2%})"
+    )
+    ratios: dict[str, str] = {key: f"{value:.4f}" for key, value in work.items()}
     pairs = {
         "klora_vs_stacked_repeat": ("a1111_klora", "a1111_stacked", 1),
         "klora_vs_stacked_first": ("a1111_klora", "a1111_stacked", 0),
