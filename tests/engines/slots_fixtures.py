@@ -240,6 +240,20 @@ def expected_choices(job: Job, steps: int) -> StepSchedule:
     return job.plan_for(job.params).schedule(steps)
 
 
+def count_restores(host: Host, monkeypatch: Any) -> list[str]:
+    """From now on, the layers Lora restores from its backup (a weight rewrite even when nothing is merged
+    after it), in order; `monkeypatch` (pytest's) undoes the counting."""
+    seen: list[str] = []
+    restore = host.nets.network_restore_weights_from_backup
+
+    def counting(module: torch.nn.Module) -> None:
+        seen.append(module.network_layer_name)
+        restore(module)
+
+    monkeypatch.setattr(host.nets, "network_restore_weights_from_backup", counting)
+    return seen
+
+
 def assert_pristine(host: Host) -> None:
     for name in ALL_LAYERS:
         layer = host.model.layer(name)

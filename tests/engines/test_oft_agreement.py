@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lib_klora.engines.network_modules import HostDelta
 from lib_klora.engines.patcher import describe_patch
-from lib_klora.engines.slots import HostDelta, NetworkCache, build_job, network_base_weights
+from lib_klora.engines.slots import NetworkCache, build_job, network_base_weights
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.from_files import load_score_table
 from lib_klora.params.model import KLoraParams

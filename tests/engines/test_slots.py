@@ -18,8 +18,8 @@ import torch
 from lib_klora.dynamic.kl import kl_divergences
 from lib_klora.engines import slots as engine
 from lib_klora.engines.kept_merges import DIRTY, restore_layers
+from lib_klora.engines.network_modules import HostDelta
 from lib_klora.engines.slots import (
-    HostDelta,
     JobError,
     NetworkCache,
     guard_sample,

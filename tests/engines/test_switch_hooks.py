@@ -32,6 +32,7 @@ from tests.engines.slots_fixtures import (
     Host,
     assert_like_merges,
     assert_pristine,
+    count_restores,
     expected_choices,
     held_states,
     make_host,
@@ -48,16 +49,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
 
 @pytest.fixture
 def restores(host: Host, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Layers Lora restores from its backup (a weight rewrite even when nothing is merged after it)."""
-    seen: list[str] = []
-    restore = host.nets.network_restore_weights_from_backup
-
-    def counting(module: torch.nn.Module) -> None:
-        seen.append(module.network_layer_name)
-        restore(module)
-
-    monkeypatch.setattr(host.nets, "network_restore_weights_from_backup", counting)
-    return seen
+    return count_restores(host, monkeypatch)
 
 
 def hooked(host: Host) -> list[str]:

@@ -38,6 +38,7 @@ from tests.engines.slots_fixtures import (
     Host,
     assert_like_merges,
     assert_pristine,
+    count_restores,
     dense_delta,
     expected_weight,
     held_states,
@@ -198,14 +199,7 @@ def test_a_second_identical_job_remerges_only_what_its_steps_change(
     host, params = world.host, world.host.params()
     schedule = plan_schedule(host, params, STEPS)
     _, _, first = run(world, params)
-    restores: list[str] = []
-    restore = host.nets.network_restore_weights_from_backup
-
-    def counting_restore(module: torch.nn.Module) -> None:
-        restores.append(module.network_layer_name)
-        restore(module)
-
-    monkeypatch.setattr(host.nets, "network_restore_weights_from_backup", counting_restore)
+    restores = count_restores(host, monkeypatch)
     _, _, records = run(world, params)
     assert_clean(world)
     assert_exact(world, records, schedule)
