@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     world = F.World.load(args.weights)
-    sampler = F._Sampler(world, args.steps, args.cfg)
+    sampler = F.WorldSampler(world, args.steps, args.cfg)
     seeds = list(range(SEED0, SEED0 + args.seeds))
     scores: dict[str, tuple[float, float, float]] = {}
     print("| variant | subject | style | both | seconds |\n|---|---|---|---|---|")

@@ -17,6 +17,7 @@ from lib_klora.engines.slots import Job, NetworkCache, build_job, on_step
 from lib_klora.fusion.cache import ScoreCache
 from lib_klora.fusion.plan import StepSchedule
 from lib_klora.params.model import KLoraParams
+from tests.engines.fused_params import STYLE_STRENGTH, SUBJECT_STRENGTH, fused_params
 from tests.hosts.fake_lora_extension import (
     TE_LAYER,
     TE_PATH,
@@ -38,7 +39,7 @@ ALL_LAYERS = [A, B, C, D, E, TE_LAYER]
 SUBJECT_LAYERS = {A: 1.6, B: 1.0, C: 0.6, D: 1.0, TE_LAYER: 1.0}  # D: subject only
 STYLE_LAYERS = {A: 1.0, B: 1.0, C: 1.0, E: 1.0, TE_LAYER: 1.0}  # E: style only
 USER_LAYERS = {A: 1.0, C: 1.0}
-SUBJECT_STRENGTH, STYLE_STRENGTH, USER_STRENGTH = 0.8, 0.6, 0.5
+USER_STRENGTH = 0.5
 SUBJECT_RANK, STYLE_RANK = 4, 2
 STEPS = 10
 SUBJECT, STYLE, BOTH = 0, 1, 2
@@ -82,14 +83,7 @@ class Host:
             self.base_output = self.model(*self.inputs)
 
     def params(self, **overrides: Any) -> KLoraParams:
-        values: dict[str, Any] = {
-            "enabled": True,
-            "subject": "subject",
-            "style": "style",
-            "subject_strength": SUBJECT_STRENGTH,
-            "style_strength": STYLE_STRENGTH,
-        }
-        return KLoraParams(**(values | overrides))
+        return fused_params(**overrides)
 
     def job(self, first: KLoraParams | None, hires: KLoraParams | None = None, **options: Any) -> Job:
         return build_job(

@@ -18,6 +18,7 @@ from lib_klora.engines import patcher as engine
 from lib_klora.engines.patcher import LowRankFactors, PatcherJob, build_patcher_job, module_deltas, on_step
 from lib_klora.fusion.plan import FusionPlan, StepSchedule
 from lib_klora.params.model import KLoraParams
+from tests.engines.fused_params import STYLE_STRENGTH, SUBJECT_STRENGTH, fused_params
 from tests.hosts.fake_patcher_hosts import (
     ForgeConv2d,
     ForgeLinear,
@@ -43,7 +44,6 @@ SHAPES = {
     ONLY_SUBJECT: (8, 16),
     ONLY_STYLE: (8, 8),
 }
-SUBJECT_STRENGTH, STYLE_STRENGTH = 0.8, 0.6
 STRENGTHS = (SUBJECT_STRENGTH, STYLE_STRENGTH)
 STEPS = 10
 SECOND_CALL_SCALE = -1.0  # another input, for a second call within one step
@@ -261,14 +261,7 @@ class Host:
         return self.subject, self.style
 
     def params(self, **overrides: Any) -> KLoraParams:
-        values: dict[str, Any] = {
-            "enabled": True,
-            "subject": "subject",
-            "style": "style",
-            "subject_strength": SUBJECT_STRENGTH,
-            "style_strength": STYLE_STRENGTH,
-        }
-        return KLoraParams(**(values | overrides))
+        return fused_params(**overrides)
 
     def job(self, first: KLoraParams | None, hires: KLoraParams | None = None) -> PatcherJob:
         return build_patcher_job(first, hires, self.deltas(), device="cpu")

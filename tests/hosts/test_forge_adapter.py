@@ -24,6 +24,7 @@ import lib_klora.hosts as hosts_package
 from lib_klora.dynamic.branches import DenseBranch, LowRankBranch, SlicedBranch
 from lib_klora.engines import patcher as engine
 from lib_klora.params.model import KLoraParams
+from tests.engines.fused_params import fused_params
 from tests.hosts.fake_patcher_hosts import (
     KLORA_HOST_MODULES,
     FakeWebUI,
@@ -328,17 +329,6 @@ def write_loras(webui: FakeWebUI, host_model: Host) -> None:
     webui.networks.list_available_networks()
 
 
-def params(**overrides: Any) -> KLoraParams:
-    values: dict[str, Any] = {
-        "enabled": True,
-        "subject": "subject",
-        "style": "style",
-        "subject_strength": SUBJECT_STRENGTH,
-        "style_strength": STYLE_STRENGTH,
-    }
-    return KLoraParams(**(values | overrides))
-
-
 def cfg_callback(webui: FakeWebUI, p: FakeP, step: int, total: int, denoiser: Any = None) -> Any:
     """Forge's on_cfg_denoiser for one evaluation (the denoiser object is the pass's identity)."""
     denoiser = denoiser or types.SimpleNamespace(p=p, total_steps=total, sampler=None)
@@ -355,7 +345,7 @@ def test_build_job_reads_both_loras_through_the_hosts_key_maps(
     forge.register_callbacks(host)
     write_loras(webui, host_model)
     p = make_p(host, host_model)
-    job = forge.build_job(p, params(), None)
+    job = forge.build_job(p, fused_params(), None)
     assert job.layer_names == MANAGED and job.table.exclusive == ((ONLY_SUBJECT,), (ONLY_STYLE,))
     for deltas, lora in zip(job.deltas, host_model.loras, strict=True):
         assert set(deltas) == set(lora.parts)
@@ -364,9 +354,9 @@ def test_build_job_reads_both_loras_through_the_hosts_key_maps(
             flat = reference_delta(lora, layer.canonical).abs().flatten().double()
             assert layer.scores[which] == pytest.approx(float(flat.topk(layer.k).values.sum()), rel=1e-5)
     assert list(job.te_patches[0]) == [TE_KEY] and list(job.te_patches[1]) == [TE_KEY]
-    again = forge.build_job(p, params(subject_strength=0.3), None)
+    again = forge.build_job(p, fused_params(subject_strength=0.3), None)
     assert again.table is job.table  # scores cached by file content and host/model kind
-    assert forge.build_job(p, params(te_policy="none"), None).te_patches == ({}, {})
+    assert forge.build_job(p, fused_params(te_policy="none"), None).te_patches == ({}, {})
 
 
 @pytest.mark.parametrize("method", ["klora", "dynamic"])
@@ -378,7 +368,7 @@ def test_the_script_hooks_layers_once_and_applies_the_choices(
     forge.register_callbacks(host)
     write_loras(webui, host_model)
     p = make_p(host, host_model)
-    first = params(show_map=True, method=method)
+    first = fused_params(show_map=True, method=method)
     p._klora = job = forge.build_job(p, first, None)
     script = forge.KLoraScript()
     for _ in range(2):  # Forge calls process_before_every_sampling twice before hires; idempotent
@@ -414,7 +404,7 @@ def test_hires_off_removes_the_hooks_before_the_hires_pass(webui: FakeWebUI, hos
     forge = webui.forge
     write_loras(webui, host_model)
     p = make_p("forge", host_model)
-    base = params(hires="off")
+    base = fused_params(hires="off")
     p._klora = forge.build_job(p, base.for_pass(False), base.for_pass(True))
     script = forge.KLoraScript()
     script.process_before_every_sampling(p)
@@ -428,7 +418,7 @@ def test_a_failing_callback_switches_k_lora_off_with_a_comment(webui: FakeWebUI,
     forge = webui.forge
     write_loras(webui, host_model)
     p = make_p("forge", host_model)
-    p._klora = job = forge.build_job(p, params(), None)
+    p._klora = job = forge.build_job(p, fused_params(), None)
     forge.KLoraScript().process_before_every_sampling(p)
     broken = types.SimpleNamespace(p=p, step=0, sampler=None)  # no total_steps: on_step raises
     forge.on_cfg_denoiser(types.SimpleNamespace(denoiser=broken))  # ... and the callback does not
@@ -460,7 +450,7 @@ def test_text_encoder_policy_patches_a_clone_of_the_clip(
     write_loras(webui, host_model)
     p = make_p(host, host_model)
     original = p.sd_model.forge_objects.clip
-    first = params(te_policy=policy, hires="separate")
+    first = fused_params(te_policy=policy, hires="separate")
     p._klora = job = forge.build_job(p, first, first.for_pass(True))
     script = forge.KLoraScript()
     roles = ("subject", "style")
@@ -509,7 +499,7 @@ def test_guidance_runs_as_the_post_cfg_function(webui: FakeWebUI, host_model: Ho
     forge = webui.forge
     write_loras(webui, host_model)
     p = make_p("forge", host_model)
-    first = params(guidance=True, guidance_text=1.0)
+    first = fused_params(guidance=True, guidance_text=1.0)
     p._klora = job = forge.build_job(p, first, None)
     job.guidance = guidance = FakeGuidance()
     original = p.sd_model.forge_objects.unet
@@ -622,7 +612,7 @@ def test_process_stops_the_job_when_preparing_the_loras_fails(
         raise RuntimeError("key map exploded")
 
     monkeypatch.setattr(forge.API, "unet_patches", broken)
-    forge.KLoraScript().process(p, params().to_dict())
+    forge.KLoraScript().process(p, fused_params().to_dict())
     assert p._klora is None
     assert p.comments == ["K-LoRA could not prepare the LoRAs: RuntimeError: key map exploded"]
     with pytest.raises(Exception, match="key map exploded"):  # the job ends before any sampling
@@ -654,7 +644,7 @@ def test_process_refuses_an_unusable_lora_file_before_the_hosts_loader_reads_it(
     monkeypatch.setattr(forge.API, "load_file", lambda *_: pytest.fail("the host's loader ran"))
     p = make_p(host, host_model)
     p.prompt, p.all_prompts, p.enable_hr = "a dog", ["a dog"], False
-    forge.KLoraScript().process(p, params().to_dict())
+    forge.KLoraScript().process(p, fused_params().to_dict())
     assert p._klora is None and len(p.comments) == 1
     expected = {"nan": "style.safetensors.*NaN or Inf", "truncated": "style.safetensors.*truncated"}
     expected["pickle"] = "style.pt' is a pickle checkpoint"

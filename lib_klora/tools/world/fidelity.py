@@ -150,8 +150,9 @@ class World:
         return cls(unet, te, tok, files, DEFAULT_LORAS, Judges.load(d), load_encoder(d))
 
 
-class _Sampler:
-    """One method's images for one prompt and seed list: through the engine, or a plain (merged) UNet."""
+class WorldSampler:
+    """One method's images for one prompt and seed list: through the engine, or a plain (merged) UNet (the
+    fidelity benchmark and `bench/fidelity_sweep.py` sample alike)."""
 
     def __init__(self, world: World, steps: int, cfg: float) -> None:
         self.world, self.steps, self.cfg = world, steps, cfg
@@ -216,7 +217,7 @@ def run_fidelity(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    sampler = _Sampler(world, steps, cfg)
+    sampler = WorldSampler(world, steps, cfg)
     result = FidelityResult()
     seeds = [int(s) for s in seeds]
     single: dict[str, torch.nn.Module] = {}
