@@ -38,11 +38,11 @@ def build_guidance(params: KLoraParams, prompt: str, decode: Decode) -> Guidance
 
 
 def latent_kind() -> str:
+    """Which TAESD decodes the sampler's latents. SD3 and FLUX samplers work on shifted and scaled latents,
+    which is what taesd3/taef1 take (the hosts' own live previews feed them the same tensor)."""
     model = shared.sd_model
     if getattr(model, "is_sd3", False):
-        raise KLoraError(
-            "TAESD guidance supports SD1/SD2, SDXL and FLUX latents; use the 'vae' decoder for SD3"
-        )
+        return "sd3"
     if is_flux_model():
         return "flux"
     return "sdxl" if getattr(model, "is_sdxl", False) else "sd"
