@@ -402,11 +402,23 @@ def install(job: PatcherJob, strengths: tuple[float, float]) -> HookSet:
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype to run a layer's LoRA branch in: the layer's float weight dtype; fp32 for quantized or fp8
-    storage (whose layers compute in another dtype; inputs and outputs are cast at the branch's edges)."""
+    storage, and for half-precision weights the host casts at every forward (Forge's and reForge's manual
+    cast, e.g. an fp16-stored UNet computed in fp32 on a CPU): those layers compute in another dtype, and a
+    half-precision branch there would be less precise than the layer and, on a CPU, about 20 times slower
+    (no fp16 matrix units). Inputs and outputs are cast at the branch's edges."""
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return weight.dtype
+        return torch.float32 if weight.dtype != torch.float32 and _casts_weights(module) else weight.dtype
     return torch.float32
+
+
+def _casts_weights(module: torch.nn.Module) -> bool:
+    """Whether the host casts the layer's weight to its computation dtype at each forward: Forge's
+    `ForgeOperations` layers (`parameters_manual_cast`), reForge's `ldm_patched` and ComfyUI's ops."""
+    return any(
+        bool(getattr(module, flag, False))
+        for flag in ("parameters_manual_cast", "ldm_patched_cast_weights", "comfy_cast_weights")
+    )
 
 
 def remove_hooks(job: PatcherJob) -> None:

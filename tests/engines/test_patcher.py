@@ -250,6 +250,25 @@ def test_a_gguf_weight_takes_its_shape_from_real_shape() -> None:
     close(deltas[QKV].branch(1.0, compute_dtype(layer)).delta(x), apply_delta(x, reference_delta(lora, QKV)))
 
 
+@pytest.mark.parametrize("flag", ["parameters_manual_cast", "ldm_patched_cast_weights", "comfy_cast_weights"])
+def test_a_half_precision_layer_the_host_casts_gets_an_fp32_branch(flag: str) -> None:
+    """Forge/reForge manual cast (fp16 storage computed in fp32, as on a CPU): the branch runs in fp32, the
+    layer's computation dtype, not in the storage dtype (fp16 matmuls on a CPU are ~20x slower)."""
+    layer = ForgeLinear(8, 16, dtype=torch.float16)
+    setattr(layer, flag, True)
+    model = build_model({PROJ: layer})
+    lora = make_lora("s", {PROJ: ("plain", 1.0)}, rank=2, alpha=2.0, seed=1)
+    deltas, _ = module_deltas(lora.patches, finder(model), decode, dense)
+    branch = deltas[PROJ].branch(1.0, compute_dtype(layer))
+    assert compute_dtype(layer) == torch.float32 and branch.dtype == torch.float32
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    out = branch.delta(x)
+    assert out.dtype == torch.float32
+    close(out, apply_delta(x, reference_delta(lora, PROJ)))
+    setattr(layer, flag, False)
+    assert compute_dtype(layer) == torch.float16
+
+
 def test_a_half_precision_layer_gets_a_half_precision_branch() -> None:
     layer = ForgeLinear(8, 16, dtype=torch.float16)
     model = build_model({PROJ: layer})
