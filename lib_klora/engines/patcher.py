@@ -114,6 +114,11 @@ class ModuleDelta:
     def stem(self) -> str:
         return self.name
 
+    @property
+    def has_dense(self) -> bool:
+        """Whether a part has no plain factors: its ΔW came from the host's merge (LoHa, LoKr, DoRA...)."""
+        return any(part.dense is not None for part in self.parts)
+
     def _whole(self) -> _Part | None:
         part = self.parts[0]
         return part if len(self.parts) == 1 and part.size == self.out_features else None

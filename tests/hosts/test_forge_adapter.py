@@ -8,11 +8,12 @@ expected value is computed from the LoRA tensors (see `patcher_fixtures`), never
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from tests.hosts.fake_patcher_hosts import (
 from tests.hosts.patcher_fixtures import (
     ALL_LAYERS,
     CONV,
+    FF,
     MANAGED,
     ONLY_STYLE,
     ONLY_SUBJECT,
@@ -357,6 +359,50 @@ def test_build_job_reads_both_loras_through_the_hosts_key_maps(
     again = forge.build_job(p, fused_params(subject_strength=0.3), None)
     assert again.table is job.table  # scores cached by file content and host/model kind
     assert forge.build_job(p, fused_params(te_policy="none"), None).te_patches == ({}, {})
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_an_identical_next_job_reuses_the_reading_of_both_files(
+    webui: FakeWebUI, host_model: Host, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forge = webui.forge
+    forge.register_callbacks(host)
+    plain_subject = replace(
+        host_model.subject, parts={k: v for k, v in host_model.subject.parts.items() if k != FF}
+    )  # no LoHa: every layer has plain factors
+    for lora in (plain_subject, host_model.style):
+        save_file(lora_file_tensors(lora), str(webui.networks.lora_dir / f"{lora.name}.safetensors"))
+    webui.networks.list_available_networks()
+    reads: list[str] = []
+    load_file = forge.API.load_file
+    monkeypatch.setattr(forge.API, "load_file", lambda file: reads.append(Path(file).stem) or load_file(file))
+    p = make_p(host, host_model)
+
+    def reads_for(**overrides: Any) -> list[str]:
+        reads.clear()
+        job = forge.build_job(p, fused_params(**overrides), None)
+        assert set(job.deltas[0]) == set(plain_subject.parts) and set(job.deltas[1]) == set(STYLE_LAYERS)
+        return sorted(reads)
+
+    assert reads_for() == ["style", "subject"]
+    assert reads_for(subject_strength=0.3, beta=0.9) == []  # strengths and settings are applied later
+    assert reads_for(te_policy="none") == ["style", "subject"]  # no text-encoder patches read
+    assert reads_for(te_policy="none") == []
+    assert reads_for() == ["style", "subject"]
+    webui.forge.on_model_loaded(host_model.model)  # a model (re)load drops what holds the old layers
+    assert reads_for() == ["style", "subject"]
+    style = webui.networks.lora_dir / "style.safetensors"
+    tensors = lora_file_tensors(host_model.style)
+    tensors[next(iter(tensors))] *= 2
+    save_file(tensors, str(style))  # the same name with other contents
+    os.utime(style, ns=(style.stat().st_atime_ns, style.stat().st_mtime_ns + 10**9))
+    assert reads_for() == ["style", "subject"]
+    # With the fixture's LoHa layer the ΔW is dense: read every job.
+    write_loras(webui, host_model)
+    assert forge.build_job(p, fused_params(), None) and reads
+    reads.clear()
+    forge.build_job(p, fused_params(), None)
+    assert sorted(reads) == ["style", "subject"]
 
 
 @pytest.mark.parametrize("method", ["klora", "dynamic"])
