@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch
+from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch, branch_dtype
 from lib_klora.dynamic.hooks import Branch
 from lib_klora.engines.job import JobError
 from lib_klora.loras.oft import oft_rank
@@ -77,7 +77,7 @@ def branch_for(module: Any, layer: torch.nn.Module, strength: float) -> Branch:
             f"({getattr(layer, 'network_layer_name', '?')})"
         )
     conv = ConvSpec.of(layer) if isinstance(layer, torch.nn.Conv2d) else None
-    dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
+    dtype = branch_dtype(layer.weight)
     source = HostDelta(module, layer)
     with torch.no_grad():
         if source.exact_low_rank:
@@ -103,7 +103,7 @@ def cached_low_rank_branch(net: Any, key: str, layer: torch.nn.Module, strength:
     if not HostDelta(module, layer).exact_low_rank:
         return None
     branches = net.__dict__.setdefault("_klora_branches", {})
-    cache_key = (key, float(strength), layer.weight.dtype)
+    cache_key = (key, float(strength), layer.weight.dtype, layer.weight.device.type)
     branch = branches.get(cache_key)
     if branch is None:
         branch = branches[cache_key] = branch_for(module, layer, strength)

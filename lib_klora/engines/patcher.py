@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch, SlicedBranch
+from lib_klora.dynamic.branches import ConvSpec, DenseBranch, LowRankBranch, SlicedBranch, branch_dtype
 from lib_klora.dynamic.hooks import Branch, HookSet, install_hooks
 from lib_klora.dynamic.selectors import DynamicSelector, FusionSelector
 from lib_klora.engines.job import FusionJob, JobError, on_sampling_failure
@@ -412,9 +412,9 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     half-precision branch there would be less precise than the layer and, on a CPU, about 20 times slower
     (no fp16 matrix units). Inputs and outputs are cast at the branch's edges."""
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.float32 if weight.dtype != torch.float32 and _casts_weights(module) else weight.dtype
-    return torch.float32
+    if not isinstance(weight, torch.Tensor) or _casts_weights(module):
+        return torch.float32
+    return branch_dtype(weight)
 
 
 def _casts_weights(module: torch.nn.Module) -> bool:

@@ -265,17 +265,23 @@ def test_a_half_precision_layer_the_host_casts_gets_an_fp32_branch(flag: str) ->
     out = branch.delta(x)
     assert out.dtype == torch.float32
     close(out, apply_delta(x, reference_delta(lora, PROJ)))
-    setattr(layer, flag, False)
-    assert compute_dtype(layer) == torch.float16
+    on_accelerator = layer.to("meta")  # off the CPU, only the host's cast decides
+    assert compute_dtype(on_accelerator) == torch.float32
+    setattr(on_accelerator, flag, False)
+    assert compute_dtype(on_accelerator) == torch.float16
 
 
-def test_a_half_precision_layer_gets_a_half_precision_branch() -> None:
+def test_a_half_precision_layer_gets_a_half_precision_branch_except_on_the_cpu() -> None:
+    """On a CPU the branch computes in fp32 (no fast half kernels for its skinny matmuls) and answers in the
+    layer's fp16; on an accelerator it stays in half precision."""
     layer = ForgeLinear(8, 16, dtype=torch.float16)
     model = build_model({PROJ: layer})
     lora = make_lora("s", {PROJ: ("plain", 1.0)}, rank=2, alpha=2.0, seed=1)
     deltas, _ = module_deltas(lora.patches, finder(model), decode, dense)
     branch = deltas[PROJ].branch(1.0, compute_dtype(layer))
-    assert compute_dtype(layer) == torch.float16 and branch.dtype == torch.float16
+    assert compute_dtype(layer) == torch.float32 and branch.dtype == torch.float32
+    assert compute_dtype(ForgeLinear(8, 16, dtype=torch.bfloat16).to("meta")) == torch.bfloat16
+    assert compute_dtype(ForgeLinear(8, 16, dtype=torch.float16).to("meta")) == torch.float16
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2)).half()
     out = branch.delta(x)
     assert out.dtype == torch.float16
