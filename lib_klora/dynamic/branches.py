@@ -122,7 +122,7 @@ class LowRankBranch:
     ) -> LowRankBranch:
         """From a parsed LoRA layer (alpha/rank and any CP core folded in) and the module it adapts.
 
-        `target` supplies the conv geometry and, unless `dtype` is given, the compute dtype (its weight's);
+        `target` supplies the conv geometry and, unless `dtype` is given, the compute dtype (`branch_dtype`);
         without it a 2-D LoRA is linear and a 4-D one a stride-1, unpadded conv.
         """
         up, down = module.factors()  # fp32, alpha/rank folded into up, CP core folded into down
@@ -137,8 +137,7 @@ class LowRankBranch:
             raise TypeError(f"only nn.Linear and nn.Conv2d targets are supported: {type(target).__name__}")
         if dtype is None:
             weight = getattr(target, "weight", None)
-            floating = isinstance(weight, Tensor) and weight.is_floating_point()
-            dtype = weight.dtype if floating else torch.float32
+            dtype = branch_dtype(weight) if isinstance(weight, Tensor) else torch.float32
         return cls(up.to(dtype), down.to(dtype), strength, conv=conv)
 
     @property

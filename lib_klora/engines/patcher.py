@@ -406,11 +406,9 @@ def install(job: PatcherJob, strengths: tuple[float, float]) -> HookSet:
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype to run a layer's LoRA branch in: the layer's float weight dtype; fp32 for quantized or fp8
-    storage, and for half-precision weights the host casts at every forward (Forge's and reForge's manual
-    cast, e.g. an fp16-stored UNet computed in fp32 on a CPU): those layers compute in another dtype, and a
-    half-precision branch there would be less precise than the layer and, on a CPU, about 20 times slower
-    (no fp16 matrix units). Inputs and outputs are cast at the branch's edges."""
+    """The dtype to run a layer's LoRA branch in: `branch_dtype` of its weight, and fp32 where the host
+    casts the weight at every forward (Forge's and reForge's manual cast, e.g. an fp16-stored UNet computed
+    in fp32): there the stored dtype is not the one the layer computes in."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or _casts_weights(module):
         return torch.float32

@@ -246,7 +246,8 @@ class KLoraScript(webui.KLoraScriptBase):
 class ReadLoras:
     """The last job's two LoRAs as read through the host's key maps (module deltas, text-encoder patches),
     reused while the files' contents, the model and the text-encoder need stay the same: an identical next
-    job reads and maps nothing (about 1 s per SDXL job on the CPU, measured live on Forge). A pair with a
+    job reads and maps nothing (K-LoRA spent about 1 s more than stacked outside sampling per SDXL job on
+    the CPU, live on Forge and reForge, most of it presumably this reading). A pair with a
     dense ΔW (LoHa, LoKr, DoRA ...) is read afresh each job: a DoRA ΔW depends on the weights the host holds
     when it is read."""
 
@@ -280,8 +281,11 @@ def build_job(p: Any, first: KLoraParams | None, hires: KLoraParams | None) -> e
     files = [webui.lora_file(name) for name in (params.subject, params.style)]
     digests = [webui.score_cache.digests.digest(Path(f)) for f in files]
     read_key = (API.name, id(unet.model), *digests, params.te_policy != "none")
-    deltas, te = read_loras.get(read_key) or read_pair(forge_objects, files, params.te_policy != "none")
-    read_loras.put(read_key, deltas, te)
+    kept = read_loras.get(read_key)
+    if kept is None:
+        kept = read_pair(forge_objects, files, params.te_policy != "none")
+        read_loras.put(read_key, *kept)
+    deltas, te = kept
     key = (*digests, f"{API.name}-{type(unet.model).__name__}")
     job = engine.build_patcher_job(
         first,

@@ -298,11 +298,13 @@ def test_from_module_folds_alpha_strength_and_cp_core() -> None:
 
 def test_branch_casts_input_and_output_and_caches_factors_per_device() -> None:
     g = _gen(13)
-    half = LowRankBranch.from_module(
-        LowRankModule("a", "a", down=torch.randn(2, 6, generator=g), up=torch.randn(4, 2, generator=g)),
-        nn.Linear(6, 4).to(torch.bfloat16),
-    )
-    assert half.dtype == torch.bfloat16  # the target's dtype unless told otherwise
+    lora = LowRankModule("a", "a", down=torch.randn(2, 6, generator=g), up=torch.randn(4, 2, generator=g))
+    target = nn.Linear(6, 4).to(torch.bfloat16)
+    assert LowRankBranch.from_module(lora, target).dtype == torch.float32  # branch_dtype: half on a CPU
+    on_accelerator = nn.Linear(6, 4, device="meta", dtype=torch.bfloat16)
+    assert LowRankBranch.from_module(lora, on_accelerator).dtype == torch.bfloat16  # elsewhere: the target's
+    half = LowRankBranch.from_module(lora, target, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
     x = torch.randn(3, 6, dtype=torch.float64, generator=g)
     assert half.delta(x).dtype == torch.float64
     assert half.delta(x, torch.float16).dtype == torch.float16
