@@ -64,7 +64,7 @@ class Denoiser:
 class SdxlSubset(nn.Module):
     """Every `every`-th SDXL transformer linear, named as A1111 names them, with its activations."""
 
-    def __init__(self, every: int, size: int) -> None:
+    def __init__(self, every: int, size: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         shapes = dict(list(unet_layer_shapes("sdxl").items())[::every])
         self.shapes = shapes
@@ -79,6 +79,7 @@ class SdxlSubset(nn.Module):
             layer.network_layer_name = "diffusion_model_" + path.replace(".", "_")
             self.network_layer_mapping[layer.network_layer_name] = layer
         latent = size // 8
+        self.to(dtype)
         self.inputs: list[torch.Tensor] = []
         shared: dict[tuple[int, int], torch.Tensor] = {}
         for path, (_out, features) in shapes.items():
@@ -87,7 +88,7 @@ class SdxlSubset(nn.Module):
             tokens = CONTEXT_TOKENS if cross else max(1, side) ** 2
             key = (2 * tokens, features)
             if key not in shared:
-                shared[key] = torch.randn(key, generator=generator)
+                shared[key] = torch.randn(key, generator=generator).to(dtype)
             self.inputs.append(shared[key])
 
     @property
@@ -321,6 +322,18 @@ def forge_variants(
     return {"stacked": stacked, "klora": klora, "hybrid": hybrid}, switching_params
 
 
+def storage_dtype_branches() -> None:
+    """Replay the old rule: every branch computes in its layer's storage dtype (fp16 on a CPU too)."""
+    from lib_klora.dynamic import branches
+    from lib_klora.engines import network_modules
+
+    def storage(weight: torch.Tensor) -> torch.dtype:
+        return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+    for module in (branches, network_modules, patcher):
+        module.branch_dtype = storage  # type: ignore[attr-defined]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image side in px (SDXL latent = size/8)")
@@ -331,11 +344,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pattern", default="s", choices=("s", "s*"))
     parser.add_argument("--hosts", default="a1111,forge", help="a1111, forge or both (comma-separated)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="the layers' weights and activations (float16: A1111's --precision half)",
+    )
+    parser.add_argument(
+        "--storage-dtype-branches",
+        action="store_true",
+        help="branches in the layers' dtype, as before fp32 branches on a CPU (to compare with)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.storage_dtype_branches:
+        storage_dtype_branches()
 
-    model = SdxlSubset(args.every, args.size)
+    model = SdxlSubset(args.every, args.size, getattr(torch, args.dtype))
     params = KLoraParams(enabled=True, subject="subject", style="style", pattern=args.pattern)
     factors: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -363,7 +389,8 @@ def main() -> None:
         print(
             f"SDXL subset: {len(model.paths)} of 700 transformer linears ({model.params / 1e6:.0f}M params, "
             f"scale ×{args.every}), {args.size}px, {args.steps} steps, CFG, ranks {RANKS}, "
-            f"{args.threads} threads, pattern {params.pattern}"
+            f"{args.threads} threads, pattern {params.pattern}, {args.dtype} layers, branches in "
+            + ("the layers' dtype" if args.storage_dtype_branches else "branch_dtype's choice")
         )
         results: dict[str, Timings] = {}
         hosts = set(args.hosts.split(","))

@@ -89,7 +89,14 @@ class Model:
 
 
 def load_checkpoint(url: str, checkpoint: str, timeout: float) -> None:
-    """Switch the WebUI's model (the same setting the checkpoint dropdown writes); returns once loaded."""
+    """Switch the WebUI's model (the same setting the checkpoint dropdown writes); returns once loaded.
+
+    Not when it is already the chosen one: A1111 v1.10.1 loads its start-up model in a thread after the API
+    is up, and setting the option meanwhile starts a second load beside it, whose model comes out broken
+    (tensors left on the meta device)."""
+    current = str(call(url, "/sdapi/v1/options", None, timeout).get("sd_model_checkpoint") or "")
+    if current == checkpoint or current.partition(" [")[0] == checkpoint:
+        return
     call(url, "/sdapi/v1/options", {"sd_model_checkpoint": checkpoint}, timeout)
 
 

@@ -248,8 +248,8 @@ class ReadLoras:
     reused while the files' contents, the model and the text-encoder need stay the same: an identical next
     job reads and maps nothing (K-LoRA spent about 1 s more than stacked outside sampling per SDXL job on
     the CPU, live on Forge and reForge, most of it presumably this reading). A pair with a
-    dense ΔW (LoHa, LoKr, DoRA ...) is read afresh each job: a DoRA ΔW depends on the weights the host holds
-    when it is read."""
+    dense ΔW (LoHa, LoKr, DoRA ...) is read afresh each job: keeping dense ΔWs would hold a second copy of
+    every adapted layer between jobs, and a DoRA ΔW depends on the weights the host holds when it is read."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
