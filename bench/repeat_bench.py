@@ -20,9 +20,12 @@ Times are this process's CPU seconds (all threads), so other work on a shared ma
 Ends with `RESULT remerged_params_repeat=<A1111 K-LoRA, per repeated job, scaled to all layers>
 klora_vs_stacked_repeat=<A1111, fastest repeated job>` and the other ratios. Fastest, not median: on a
 shared machine other work only ever adds time, so the fastest of several jobs is the steadiest estimate
-of a variant's own cost.
+of a variant's own cost. `--dtype float16` stores and computes the layers in half precision (A1111's
+`--precision half`); `--storage-dtype-branches` then replays the hooks' old half-precision branches on a
+CPU, to compare with the fp32 ones `branch_dtype` picks there.
 
     python bench/repeat_bench.py [--size 256] [--steps 10] [--every 10] [--rounds 3] [--jobs 3] [--threads 2]
+        [--dtype float32] [--storage-dtype-branches]
 """
 
 from __future__ import annotations
