@@ -79,6 +79,18 @@ def pixels(png: bytes) -> bytes:
         return image.convert("RGB").tobytes()
 
 
+def drawn(png: bytes, what: str) -> bytes:
+    """The decoded pixels of `png`, after checking they are not all one colour: a host whose text encoder or
+    UNet overflows returns a black image, and two black images are equal whatever made them."""
+    decoded = pixels(png)
+    assert decoded != decoded[:3] * (len(decoded) // 3), (
+        f"{what}: the host returned an image of one colour (NaN in its text encoder or UNet). Random test "
+        f"LoRAs can be too strong for it: the host's own <lora:{SUBJECT}:1> <lora:{STYLE}:1> must give an "
+        "image; use weaker ones (e.g. their text-encoder up weights halved)"
+    )
+    return decoded
+
+
 def klora_args(**params: Any) -> dict:
     return {"K-LoRA": {"args": [{"enabled": True, "subject": SUBJECT, "style": STYLE, **params}]}}
 
