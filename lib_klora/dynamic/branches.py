@@ -182,15 +182,18 @@ class LowRankBranch:
 
     def add_into(self, out: Tensor, x: Tensor) -> Tensor:
         """`out` + delta(x). Linear: accumulated into `out` by one in-place GEMM (`addmm_`, beta=1), with no
-        output-sized temporary; use only on a fresh output nobody else holds. Otherwise a new tensor."""
+        output-sized temporary (one when the branch computes in another dtype than `out`); use only on a
+        fresh output nobody else holds. Otherwise a new tensor."""
         if self.conv is not None or not _can_write(out) or out.shape[-1] != self.out_features:
             return self.delta(x, out.dtype).add_(out)
         up, down = self.factors_on(x.device)
         h = F.linear(x.to(down.dtype), down)
         if self.scale != 1.0:
             h = h * self.scale
-        if h.dtype != out.dtype:
-            h, up = h.to(out.dtype), up.to(out.dtype)
+        if h.dtype != out.dtype:  # e.g. an fp32 branch on a half-precision layer on a CPU (`branch_dtype`):
+            # both projections in the branch's dtype, then one cast-and-add; a half GEMM here would be the
+            # slow kernel the fp32 branch avoids, and casting `up` the copy of a factor at every forward.
+            return out.add_(F.linear(h, up))
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.rank), up.t())
         return out
 

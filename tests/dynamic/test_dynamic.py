@@ -697,6 +697,34 @@ def test_add_into_accumulates_in_the_output_buffer_with_the_same_result() -> Non
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_fp32_branch_on_a_half_output_runs_no_half_matmul() -> None:
+    """`branch_dtype` gives half-precision layers on a CPU an fp32 branch, because CPUs have no fast half
+    GEMM: the up projection must not fall back to one when the result is added into the half output."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[torch.dtype] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm):
+                self.seen += [a.dtype for a in args if isinstance(a, torch.Tensor)]
+            return func(*args, **(kwargs or {}))
+
+    branch = _linear_branch(12, 6, 3, seed=5)  # fp32 factors
+    x = torch.randn(2, 9, 6, generator=_gen(6)).half()
+    out = torch.randn(2, 9, 12, generator=_gen(7)).half()
+    expected = (out.float() + branch.delta(x.float())).half()
+    with torch.no_grad(), MatmulDtypes() as recorded:
+        result = branch.add_into(out, x)
+    assert result is out and result.dtype == torch.float16
+    assert recorded.seen and set(recorded.seen) == {torch.float32}
+    torch.testing.assert_close(result, expected, rtol=2e-3, atol=2e-3)
+
+
 def test_add_into_leaves_tracked_or_strided_outputs_alone() -> None:
     branch = _linear_branch(12, 6, 3, seed=5)
     x = torch.randn(4, 6, generator=_gen(1))
