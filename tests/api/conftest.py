@@ -86,7 +86,7 @@ def drawn(png: bytes, what: str) -> bytes:
     assert decoded != decoded[:3] * (len(decoded) // 3), (
         f"{what}: the host returned an image of one colour (NaN in its text encoder or UNet). Random test "
         f"LoRAs can be too strong for it: the host's own <lora:{SUBJECT}:1> <lora:{STYLE}:1> must give an "
-        "image; use weaker ones (e.g. their text-encoder up weights halved)"
+        "image; use weaker ones (ΔW a fraction of the weights it changes, as in trained LoRAs)"
     )
     return decoded
 
