@@ -250,16 +250,20 @@ def test_a_gguf_weight_takes_its_shape_from_real_shape() -> None:
     close(deltas[QKV].branch(1.0, compute_dtype(layer)).delta(x), apply_delta(x, reference_delta(lora, QKV)))
 
 
+def _half_layer_branch(layer: ForgeLinear) -> tuple[Any, Any]:
+    """A rank-2 LoRA on `layer` and its branch in the dtype `compute_dtype` picks for the layer."""
+    lora = make_lora("s", {PROJ: ("plain", 1.0)}, rank=2, alpha=2.0, seed=1)
+    deltas, _ = module_deltas(lora.patches, finder(build_model({PROJ: layer})), decode, dense)
+    return lora, deltas[PROJ].branch(1.0, compute_dtype(layer))
+
+
 @pytest.mark.parametrize("flag", ["parameters_manual_cast", "ldm_patched_cast_weights", "comfy_cast_weights"])
 def test_a_half_precision_layer_the_host_casts_gets_an_fp32_branch(flag: str) -> None:
     """Forge/reForge manual cast (fp16 storage computed in fp32, as on a CPU): the branch runs in fp32, the
     layer's computation dtype, not in the storage dtype (fp16 matmuls on a CPU are ~20x slower)."""
     layer = ForgeLinear(8, 16, dtype=torch.float16)
     setattr(layer, flag, True)
-    model = build_model({PROJ: layer})
-    lora = make_lora("s", {PROJ: ("plain", 1.0)}, rank=2, alpha=2.0, seed=1)
-    deltas, _ = module_deltas(lora.patches, finder(model), decode, dense)
-    branch = deltas[PROJ].branch(1.0, compute_dtype(layer))
+    lora, branch = _half_layer_branch(layer)
     assert compute_dtype(layer) == torch.float32 and branch.dtype == torch.float32
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
     out = branch.delta(x)
@@ -275,10 +279,7 @@ def test_a_half_precision_layer_gets_a_half_precision_branch_except_on_the_cpu()
     """On a CPU the branch computes in fp32 (no fast half kernels for its skinny matmuls) and answers in the
     layer's fp16; on an accelerator it stays in half precision."""
     layer = ForgeLinear(8, 16, dtype=torch.float16)
-    model = build_model({PROJ: layer})
-    lora = make_lora("s", {PROJ: ("plain", 1.0)}, rank=2, alpha=2.0, seed=1)
-    deltas, _ = module_deltas(lora.patches, finder(model), decode, dense)
-    branch = deltas[PROJ].branch(1.0, compute_dtype(layer))
+    lora, branch = _half_layer_branch(layer)
     assert compute_dtype(layer) == torch.float32 and branch.dtype == torch.float32
     assert compute_dtype(ForgeLinear(8, 16, dtype=torch.bfloat16).to("meta")) == torch.bfloat16
     assert compute_dtype(ForgeLinear(8, 16, dtype=torch.float16).to("meta")) == torch.float16

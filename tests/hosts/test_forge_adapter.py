@@ -325,8 +325,9 @@ def make_p(host: str, host_model: Host) -> FakeP:
     return FakeP(types.SimpleNamespace(forge_objects=forge_objects))
 
 
-def write_loras(webui: FakeWebUI, host_model: Host) -> None:
-    for lora in host_model.loras:
+def write_loras(webui: FakeWebUI, host_model: Host, loras: tuple | None = None) -> None:
+    """Write the fixture's two LoRAs (or `loras`) into the LoRA folder and let the host list them."""
+    for lora in loras or host_model.loras:
         save_file(lora_file_tensors(lora), str(webui.networks.lora_dir / f"{lora.name}.safetensors"))
     webui.networks.list_available_networks()
 
@@ -370,9 +371,7 @@ def test_an_identical_next_job_reuses_the_reading_of_both_files(
     plain_subject = replace(
         host_model.subject, parts={k: v for k, v in host_model.subject.parts.items() if k != FF}
     )  # no LoHa: every layer has plain factors
-    for lora in (plain_subject, host_model.style):
-        save_file(lora_file_tensors(lora), str(webui.networks.lora_dir / f"{lora.name}.safetensors"))
-    webui.networks.list_available_networks()
+    write_loras(webui, host_model, (plain_subject, host_model.style))
     reads: list[str] = []
     load_file = forge.API.load_file
     monkeypatch.setattr(forge.API, "load_file", lambda file: reads.append(Path(file).stem) or load_file(file))
